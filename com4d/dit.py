@@ -1,0 +1,412 @@
+"""The COM4D diffusion transformer: TripoSG's vecset DiT plus COM4D's embedding tables and routing.
+
+One latent set of T tokens x C channels per object per frame ("cell"). The timestep is a token
+prepended to every set; 21 pre-norm blocks (self-attention with RMS q/k norm, cross-attention to
+DINOv2 tokens, exact-GELU feed-forward) with U-Net long skips; no AdaLN, no positional embedding.
+COM4D adds part / frame / static / dynamic embedding tables and runs the blocks over an
+objects-by-frames grid with attention routed by `com4d.routing`.
+
+Two forwards:
+* `forward_grid` — inference (the official `forward_matrix`): one timestep for every cell.
+* `forward` — a packed batch, one timestep per latent, optional groups by counts (training and
+  diffusion forcing; with no groups it is the plain TripoSG DiT).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from com4d import routing
+from com4d.attention import Attention, FeedForward, FP32LayerNorm
+from com4d.errors import WeightsError
+from com4d.weights import (
+    DIFFUSERS_WEIGHTS,
+    heads_first_to_standard,
+    load_state_strict,
+    load_tensors,
+    read_json,
+    tensor_shapes,
+)
+
+
+@dataclass
+class DiTConfig:
+    width: int = 2048
+    num_layers: int = 21
+    num_heads: int = 16
+    in_channels: int = 64
+    cross_attention_dim: int = 1024
+    mlp_ratio: float = 4.0
+    # COM4D tables (0 rows / False = absent, i.e. a plain TripoSG DiT)
+    part_rows: int = 0
+    frame_rows: int = 0
+    static_embedding: bool = False
+    dynamic_embedding: bool = False
+    spatial_block_ids: list[int] = field(default_factory=lambda: list(range(0, 21, 2)))
+    temporal_block_ids: list[int] = field(default_factory=lambda: [0, *range(1, 22, 2)])
+
+    @classmethod
+    def triposg(cls) -> DiTConfig:
+        """The released TripoSG DiT (1,439,556,160 parameters)."""
+        return cls()
+
+    @classmethod
+    def com4d(cls) -> DiTConfig:
+        """The released COM4D DiT: TripoSG + tables of 32 parts and 64 frames (1,439.76 M)."""
+        return cls(part_rows=32, frame_rows=64, static_embedding=True, dynamic_embedding=True)
+
+    @property
+    def has_tables(self) -> bool:
+        return bool(self.part_rows or self.frame_rows or self.static_embedding or self.dynamic_embedding)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) timesteps (1000 * sigma) -> (B, dim) [sin | cos] features, computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, dim)
+
+
+class TimestepProjection(nn.Module):
+    """Sinusoid -> Linear -> exact GELU -> Linear: the timestep token (`time_proj` in checkpoints)."""
+
+    def __init__(self, width: int, inner: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(width, inner)
+        self.linear_2 = nn.Linear(inner, width)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        s = timestep_sinusoid(t, self.linear_1.in_features).to(self.linear_1.weight.dtype)  # (B, D)
+        return self.linear_2(F.gelu(self.linear_1(s)))  # (B, D)
+
+
+class CellContext:
+    """The image tokens each cell cross-attends to, with K/V cached per block.
+
+    `features` (U, Lc, Dc) holds U distinct token sets (e.g. one full frame shared by every static
+    row); `index` (B,) says which set cell b reads. Image tokens stay fixed over all denoising steps
+    of a stage, so each block's K/V are computed once per context and reused (the official code
+    recomputes them every step).
+    """
+
+    def __init__(self, features: torch.Tensor, index: torch.Tensor | None = None):
+        self.features = features  # (U, Lc, Dc)
+        self.index = torch.arange(features.shape[0], device=features.device) if index is None else index
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buckets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def per_cell(cls, tokens: torch.Tensor) -> CellContext:
+        """(M, N, Lc, Dc) or (B, Lc, Dc) tokens, one set per cell (no sharing)."""
+        return cls(tokens.reshape(-1, *tokens.shape[-2:]))
+
+    def keys_values(self, block: int, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        if block not in self._kv:
+            self._kv[block] = attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # (U, H, Lc, hd)
+        return self._kv[block]
+
+    def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cells grouped by the context they read, bucketed by group size: [(ctx (G,), cells (G, n))]."""
+        if self._buckets is None:
+            index = self.index.tolist()
+            cells: dict[int, list[int]] = {}
+            for b, u in enumerate(index):
+                cells.setdefault(u, []).append(b)
+            by_size: dict[int, list[tuple[int, list[int]]]] = {}
+            for u, bs in cells.items():
+                by_size.setdefault(len(bs), []).append((u, bs))
+            dev = self.index.device
+            self._buckets = [
+                (
+                    torch.tensor([u for u, _ in v], device=dev),
+                    torch.tensor([bs for _, bs in v], device=dev),
+                )
+                for _, v in sorted(by_size.items())
+            ]
+        return self._buckets
+
+
+def cross_attention(attn: Attention, x: torch.Tensor, ctx: CellContext, block: int) -> torch.Tensor:
+    """Per-cell cross-attention. Cells reading the same context are batched as one query sequence
+    (exact: every query attends to the context independently). x: (B, L, D) -> (B, L, D)."""
+    q = attn.query(x)  # (B, H, L, hd)
+    k, v = ctx.keys_values(block, attn)  # (U, H, Lc, hd)
+    B, H, L, hd = q.shape
+    out = torch.empty_like(q)
+    for ctx_ids, cells in ctx.buckets():
+        G, n = cells.shape
+        qg = q[cells].permute(0, 2, 1, 3, 4).reshape(G, H, n * L, hd)  # (G, H, n*L, hd)
+        o = F.scaled_dot_product_attention(qg, k[ctx_ids], v[ctx_ids])  # (G, H, n*L, hd)
+        out[cells.reshape(-1)] = o.view(G, H, n, L, hd).permute(0, 2, 1, 3, 4).reshape(G * n, H, L, hd)
+    return attn.merge(out)  # (B, L, D)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm block: [long skip] -> self-attention -> cross-attention -> feed-forward."""
+
+    def __init__(self, cfg: DiTConfig, skip: bool):
+        super().__init__()
+        D = cfg.width
+        if skip:
+            # The official order is linear-then-norm (TripoSG trained it that way).
+            self.skip_linear = nn.Linear(2 * D, D)
+            self.skip_norm = FP32LayerNorm(D, eps=1e-5)
+        self.norm1 = FP32LayerNorm(D, eps=1e-5)
+        self.attn1 = Attention(D, cfg.num_heads, qk_norm=True)
+        self.norm2 = FP32LayerNorm(D, eps=1e-5)
+        self.attn2 = Attention(D, cfg.num_heads, context_dim=cfg.cross_attention_dim, qk_norm=True)
+        self.norm3 = FP32LayerNorm(D, eps=1e-5)
+        self.ff = FeedForward(D, cfg.mlp_ratio)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        ctx: CellContext,
+        block: int,
+        groups: routing.Groups | None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if skip is not None:
+            h = self.skip_norm(self.skip_linear(torch.cat([skip, h], dim=-1)))  # (B, L, D)
+        h = h + self.attn1(self.norm1(h), groups=groups)  # (B, L, D)
+        h = h + cross_attention(self.attn2, self.norm2(h), ctx, block)  # (B, L, D)
+        return h + self.ff(self.norm3(h))  # (B, L, D)
+
+
+class COM4DTransformer(nn.Module):
+    """TripoSG DiT with COM4D's tables. Parameter names match the official checkpoints."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.time_proj = TimestepProjection(D, int(D * cfg.mlp_ratio))
+        self.proj_in = nn.Linear(cfg.in_channels, D)
+        if cfg.part_rows:
+            self.part_embedding = nn.Embedding(cfg.part_rows, D)
+        if cfg.frame_rows:
+            self.frame_embedding = nn.Embedding(cfg.frame_rows, D)
+        if cfg.static_embedding:
+            self.static_embedding = nn.Embedding(1, D)
+        if cfg.dynamic_embedding:
+            self.dynamic_embedding = nn.Embedding(1, D)
+        mid = cfg.num_layers // 2
+        self.blocks = nn.ModuleList([DiTBlock(cfg, skip=i > mid) for i in range(cfg.num_layers)])
+        self.norm_out = nn.LayerNorm(D, eps=1e-5)
+        self.proj_out = nn.Linear(D, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Fresh-model init (loading overwrites it): xavier linears, N(0, 0.02) tables."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    # -- shared pieces ------------------------------------------------------------------------
+
+    def embed_tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) latents, t (B,) or (1,) timesteps -> (B, T+1, D), the timestep as token 0."""
+        temb = self.time_proj(t)  # (B or 1, D)
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))  # (B, T, D)
+        return torch.cat([temb[:, None].expand(h.shape[0], 1, -1), h], dim=1)  # (B, T+1, D)
+
+    def run_blocks(self, h: torch.Tensor, contexts: Sequence[CellContext], groups: Sequence) -> torch.Tensor:
+        """Blocks with U-Net long skips: blocks < mid push, block mid passes, blocks > mid pop, so
+        block L > mid receives the output of block num_layers-1-L of the same cell."""
+        mid = self.cfg.num_layers // 2
+        stack = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, contexts[i], i, groups[i], skip=stack.pop() if i > mid else None)  # (B, L, D)
+            if i < mid:
+                stack.append(h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T+1, D) -> predicted velocity x0 - eps (B, T, C); token 0 is dropped."""
+        return self.proj_out(self.norm_out(h)[:, 1:])
+
+    # -- forwards -----------------------------------------------------------------------------
+
+    def forward_grid(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx_temporal: torch.Tensor | CellContext,
+        ctx_spatial: torch.Tensor | CellContext,
+        static_rows: int,
+        cutoff: bool = False,
+    ) -> torch.Tensor:
+        """Denoise an objects-by-frames grid (the official `forward_matrix`).
+
+        x: (M, N, T, C) latents, rows = objects (static first), columns = window frames.
+        t: one timestep for every cell. ctx_*: (M, N, Lc, Dc) image tokens per cell, or a
+        CellContext over the M*N cells; spatial blocks read `ctx_spatial`, the others `ctx_temporal`.
+        cutoff: spatial blocks become local (stage B after the mixing cutoff).
+        Returns (M, N, T, C).
+        """
+        M, N, T, C = x.shape
+        grid = routing.Grid(M, N, static_rows)
+        ctx_t = ctx_temporal if isinstance(ctx_temporal, CellContext) else CellContext.per_cell(ctx_temporal)
+        ctx_s = ctx_spatial if isinstance(ctx_spatial, CellContext) else CellContext.per_cell(ctx_spatial)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)[:1]  # (1,)
+        h = self.embed_tokens(x.reshape(M * N, T, C), t)  # (B, T+1, D)
+        for term in self.cell_embeddings(grid):  # added one table at a time, in the official order
+            h = h + term.to(h.dtype)[:, None]  # (B, T+1, D)
+        kinds = routing.block_kinds(self.cfg.num_layers, self.cfg.spatial_block_ids)
+        spatial = routing.spatial_groups(grid, cutoff, x.device)
+        temporal = routing.temporal_groups(grid, x.device)
+        h = self.run_blocks(
+            h,
+            [ctx_s if k == "spatial" else ctx_t for k in kinds],
+            [spatial if k == "spatial" else temporal for k in kinds],
+        )
+        return self.head(h).reshape(M, N, T, C)  # (M, N, T, C)
+
+    def cell_embeddings(self, grid: routing.Grid) -> list[torch.Tensor]:
+        """The table rows each cell gets, as a list of (M*N, D) terms in the official order.
+
+        Frame row c (position in the window) if N > 1, part row r if M > 1, then the static
+        embedding for rows < static_rows and the dynamic one for the others.
+        """
+        M, N = grid.rows, grid.cols
+        cfg = self.cfg
+        terms = []
+        if N > 1:
+            if N > cfg.frame_rows:
+                raise ValueError(f"{N} window frames but the frame table holds {cfg.frame_rows}")
+            terms.append(self.frame_embedding.weight[:N][None, :, :].expand(M, N, -1))
+        if M > 1:
+            if M > cfg.part_rows:
+                raise ValueError(f"{M} objects but the part table holds {cfg.part_rows}")
+            terms.append(self.part_embedding.weight[:M][:, None, :].expand(M, N, -1))
+        if cfg.static_embedding or cfg.dynamic_embedding:
+            w = self.proj_in.weight
+            role = torch.zeros(M, N, cfg.width, dtype=w.dtype, device=w.device)
+            if cfg.static_embedding:
+                role[: grid.static_rows] = self.static_embedding.weight[0]
+            if cfg.dynamic_embedding:
+                role[grid.static_rows :] = self.dynamic_embedding.weight[0]
+            terms.append(role)
+        return [t.reshape(M * N, cfg.width) for t in terms]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | CellContext,
+        group_sizes: Sequence[int] | None = None,
+        mode: str | None = None,
+    ) -> torch.Tensor:
+        """A packed batch of latents, one timestep each (training, diffusion forcing, plain TripoSG).
+
+        x: (B, T, C); t: (B,) timesteps; context: (B, Lc, Dc). `group_sizes` splits the batch into
+        consecutive groups (parts of one scene when mode="parts", frames of one object when
+        mode="frames"); their global blocks attend jointly inside a group and get the tables
+        (part+static or frame+dynamic indices 0..n-1), as in the official training forward.
+        With mode=None every latent is alone and no table is used (the TripoSG DiT).
+        """
+        B, T, C = x.shape
+        ctx = context if isinstance(context, CellContext) else CellContext.per_cell(context)
+        h = self.embed_tokens(x, t.reshape(B))  # (B, T+1, D)
+        groups = None
+        global_ids: set[int] = set()
+        if mode is not None:
+            sizes = list(group_sizes or [B])
+            if sum(sizes) != B:
+                raise ValueError(f"group sizes {sizes} do not add up to the batch of {B}")
+            groups = routing.groups_from_counts(sizes, x.device)
+            if mode == "parts":
+                global_ids = set(self.cfg.spatial_block_ids)
+            elif mode == "frames":
+                global_ids = set(self.cfg.temporal_block_ids)
+            else:
+                raise ValueError(f"mode must be 'parts', 'frames' or None, not {mode!r}")
+            if max(sizes) > 1:
+                for term in self.group_embeddings(sizes, mode):
+                    h = h + term.to(h.dtype)[:, None]  # (B, T+1, D)
+        per_block = [groups if i in global_ids else None for i in range(self.cfg.num_layers)]
+        h = self.run_blocks(h, [ctx] * self.cfg.num_layers, per_block)  # (B, T+1, D)
+        return self.head(h)  # (B, T, C)
+
+    def group_embeddings(self, sizes: Sequence[int], mode: str) -> list[torch.Tensor]:
+        """Training-time tables: row = index within the group, then static (parts) or dynamic (frames)."""
+        device = self.proj_in.weight.device
+        pos = torch.cat([torch.arange(n, device=device) for n in sizes])  # (B,)
+        if mode == "parts":
+            return [self.part_embedding(pos), self.static_embedding.weight[0].expand(len(pos), -1)]
+        return [self.frame_embedding(pos), self.dynamic_embedding.weight[0].expand(len(pos), -1)]
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> COM4DTransformer:
+        """Load an official transformer folder (`config.json` + diffusion_pytorch_model.safetensors).
+
+        Works for COM4D's `PartFrameCrafterDiTModel` and TripoSG's `TripoSGDiTModel` (no tables).
+        Table sizes come from the safetensors header, not from the config; q/k/v are converted
+        from the official head-interleaved layout once here.
+        """
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        weights_path = folder / DIFFUSERS_WEIGHTS
+        cfg = config_from_files(config_path, weights_path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        state = heads_first_to_standard(load_tensors(weights_path), cfg.num_heads)
+        load_state_strict(model, state, weights_path)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def config_from_files(config_path: Path, weights_path: Path) -> DiTConfig:
+    """A DiTConfig from an official config.json, with table sizes read from the weights header."""
+    raw = read_json(config_path)
+    name = raw.get("_class_name", "")
+    if name and name not in ("TripoSGDiTModel", "PartFrameCrafterDiTModel", "PartCrafterDiTModel"):
+        raise WeightsError(f"{config_path} describes a {name}, not a TripoSG/COM4D transformer")
+    if raw.get("use_cross_attention_2"):
+        raise WeightsError(f"{config_path}: use_cross_attention_2 is not supported (no release uses it)")
+    for flag in ("enable_local_cross_attn", "enable_global_cross_attn"):
+        if raw.get(flag, True) is False:
+            raise WeightsError(f"{config_path}: {flag}=false is not supported (every release has it on)")
+    for flag in ("enable_static_embedding_per_block", "enable_dynamic_embedding_per_block"):
+        if raw.get(flag):
+            raise WeightsError(f"{config_path}: {flag} is not supported (no released model uses it)")
+    shapes = tensor_shapes(weights_path)
+    try:
+        cfg = DiTConfig(
+            width=int(raw.get("width", 2048)),
+            num_layers=int(raw.get("num_layers", 21)),
+            num_heads=int(raw.get("num_attention_heads", 16)),
+            in_channels=int(raw.get("in_channels", 64)),
+            cross_attention_dim=int(raw.get("cross_attention_dim", 1024)),
+        )
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{config_path}: bad value ({err})") from err
+    cfg.part_rows = shapes.get("part_embedding.weight", (0,))[0]
+    cfg.frame_rows = shapes.get("frame_embedding.weight", (0,))[0]
+    cfg.static_embedding = "static_embedding.weight" in shapes
+    cfg.dynamic_embedding = "dynamic_embedding.weight" in shapes
+    n = cfg.num_layers
+    spatial = raw.get("spatial_global_attn_block_ids") or raw.get("global_attn_block_ids")
+    cfg.spatial_block_ids = [int(i) for i in spatial] if spatial else list(range(0, n, 2))
+    temporal = raw.get("temporal_global_attn_block_ids")
+    cfg.temporal_block_ids = [int(i) for i in temporal] if temporal else [0, *range(1, n + 1, 2)]
+    return cfg
