@@ -70,18 +70,40 @@ def test_stage_a_scene_mixing_matches_official_forward_matrix(com4d_dit):
     M, N = t["hidden_states_matrix"].shape[:2]
     assert (M, N) == (S + side["params"]["dynamic_count"], side["params"]["frames"])
     outputs, hooks = record_blocks(com4d_dit)
-    early = grid_call(com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                      "encoder_hidden_states_matrix_temporal", S, cutoff=False)
+    early = grid_call(
+        com4d_dit,
+        t,
+        "hidden_states_matrix",
+        "encoder_hidden_states_matrix_temporal",
+        "encoder_hidden_states_matrix_temporal",
+        S,
+        cutoff=False,
+    )
     for h in hooks:
         h.remove()
     layers = torch.stack(outputs).reshape(t["layer_outputs_cond_early"].shape)
     close(layers, t["layer_outputs_cond_early"], tol)
     close(early, t["output_cond_early"], tol)
-    late = grid_call(com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                     "encoder_hidden_states_matrix_spatial_late", S, cutoff=False)
+    late = grid_call(
+        com4d_dit,
+        t,
+        "hidden_states_matrix",
+        "encoder_hidden_states_matrix_temporal",
+        "encoder_hidden_states_matrix_spatial_late",
+        S,
+        cutoff=False,
+    )
     close(late, t["output_cond_late"], tol)
-    uncond = grid_call(com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                       "encoder_hidden_states_matrix_spatial_late", S, cutoff=False, zero=True)
+    uncond = grid_call(
+        com4d_dit,
+        t,
+        "hidden_states_matrix",
+        "encoder_hidden_states_matrix_temporal",
+        "encoder_hidden_states_matrix_spatial_late",
+        S,
+        cutoff=False,
+        zero=True,
+    )
     close(uncond, t["output_uncond"], tol)
 
 
@@ -95,16 +117,25 @@ def test_stage_b_objects_by_frames_matrix_matches_official(com4d_dit, mode):
     spatial = f"encoder_hidden_states_matrix_spatial_{mode}"
     cutoff = mode == "cutoff"
     outputs, hooks = record_blocks(com4d_dit)
-    cond = grid_call(com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                     spatial, S, cutoff)
+    cond = grid_call(
+        com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal", spatial, S, cutoff
+    )
     for h in hooks:
         h.remove()
     close(cond, t[f"output_cond_{mode}"], tol)
     if mode == "mix":
         layers = torch.stack(outputs).reshape(t["layer_outputs_cond_mix"].shape)
         close(layers, t["layer_outputs_cond_mix"], tol)
-    uncond = grid_call(com4d_dit, t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                       spatial, S, cutoff, zero=True)
+    uncond = grid_call(
+        com4d_dit,
+        t,
+        "hidden_states_matrix",
+        "encoder_hidden_states_matrix_temporal",
+        spatial,
+        S,
+        cutoff,
+        zero=True,
+    )
     close(uncond, t[f"output_uncond_{mode}"], tol)
 
 
@@ -130,7 +161,14 @@ def test_naive_qkv_split_would_be_wrong(com4d_dit):
     naive = COM4DTransformer(com4d_dit.cfg)
     load_state_strict(naive, load_tensors(COM4D_DIT / DIFFUSERS_WEIGHTS), COM4D_DIT)
     S = side["params"]["static_count"]
-    out = grid_call(naive.eval(), t, "hidden_states_matrix", "encoder_hidden_states_matrix_temporal",
-                    "encoder_hidden_states_matrix_spatial_mix", S, False)
+    out = grid_call(
+        naive.eval(),
+        t,
+        "hidden_states_matrix",
+        "encoder_hidden_states_matrix_temporal",
+        "encoder_hidden_states_matrix_spatial_mix",
+        S,
+        False,
+    )
     ref = t["output_cond_mix"]
     assert (out - ref).abs().max() > 100 * side["suggested_tolerance"]["atol"] * max(1.0, ref.abs().max())

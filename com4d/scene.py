@@ -1,0 +1,229 @@
+"""Writing a reconstruction to disk: one GLB per mesh, combined GLBs per frame, `scene.json`.
+
+The manifest is rewritten atomically after every mesh, so an interrupted run leaves a valid
+`scene.json` whose `status` says it is incomplete ("running", "cancelled", "failed"); only a
+finished run says "complete". Format: docs/contracts.md.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trimesh
+
+SCENE_FORMAT = "com4d-scene"
+SCENE_VERSION = 1
+
+
+def object_color(index: int) -> list[float]:
+    """A distinct, stable colour per object (golden-angle hues)."""
+    r, g, b = colorsys.hsv_to_rgb((0.08 + index * 0.618034) % 1.0, 0.55, 0.9)
+    return [round(r, 3), round(g, 3), round(b, 3)]
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe version of an object name (the manifest keeps the real name)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "object"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Make names unique the way Blender does: 'chair', 'chair.001', ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        base = n.strip() or "object"
+        if base not in seen:
+            seen[base] = 0
+            out.append(base)
+            continue
+        while True:
+            seen[base] += 1
+            candidate = f"{base}.{seen[base]:03d}"
+            if candidate not in seen:
+                seen[candidate] = 0
+                out.append(candidate)
+                break
+    return out
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def mesh_to_glb(vertices: np.ndarray, faces: np.ndarray, color: list[float] | None = None) -> bytes:
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+    if color is not None:
+        rgba = np.array([*(int(c * 255) for c in color), 255], dtype=np.uint8)
+        mesh.visual.face_colors = np.tile(rgba, (len(faces), 1))
+    return mesh.export(file_type="glb")
+
+
+@dataclass
+class SceneObject:
+    name: str
+    role: str
+    index: int
+    color: list[float]
+    mesh: str | None = None
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    topology: str = "per_frame"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "role": self.role, "index": self.index, "color": self.color}
+        if self.role == "static":
+            d["mesh"] = self.mesh
+        else:
+            d["topology"] = self.topology
+            d["frames"] = self.frames
+            if self.mesh is not None:
+                d["mesh"] = self.mesh
+            d.update(self.extra)
+        return d
+
+
+class SceneWriter:
+    """Collects meshes as they are produced and keeps `out/scene.json` current."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        static_names: list[str],
+        dynamic_names: list[str],
+        frames: list[int],
+        stage_a_frame: int,
+        source: dict[str, Any],
+        params: dict[str, Any],
+    ):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.frames = list(frames)
+        self.stage_a_frame = stage_a_frame
+        self.source = source
+        self.params = params
+        self.status = "running"
+        self.objects: list[SceneObject] = []
+        for i, n in enumerate(static_names):
+            self.objects.append(SceneObject(n, "static", i, object_color(i)))
+        for k, n in enumerate(dynamic_names):
+            self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k)))
+        self._geometry: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.save()
+
+    def get(self, role: str, index: int) -> SceneObject:
+        return next(o for o in self.objects if o.role == role and o.index == index)
+
+    def _write_mesh(self, rel: str, obj: SceneObject, vertices: np.ndarray, faces: np.ndarray) -> None:
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(mesh_to_glb(vertices, faces, obj.color))
+        os.replace(tmp, path)
+
+    def add_static(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
+        obj = self.get("static", index)
+        rel = f"static/{safe_name(obj.name)}.glb"
+        self._write_mesh(rel, obj, vertices, faces)
+        obj.mesh = rel
+        self._geometry[(obj.name, -1)] = (vertices, faces)
+        self.save()
+        return rel
+
+    def add_dynamic_frame(self, index: int, frame: int, vertices: np.ndarray, faces: np.ndarray) -> str:
+        obj = self.get("dynamic", index)
+        rel = f"dynamic/{safe_name(obj.name)}/frame_{frame:06d}.glb"
+        self._write_mesh(rel, obj, vertices, faces)
+        obj.frames = [f for f in obj.frames if f["frame"] != frame] + [{"frame": frame, "mesh": rel}]
+        obj.frames.sort(key=lambda f: f["frame"])
+        self._geometry[(obj.name, frame)] = (vertices, faces)
+        self.save()
+        return rel
+
+    def set_tracked(
+        self,
+        index: int,
+        frames: list[int],
+        vertices: np.ndarray,
+        faces: np.ndarray,
+        fallback_frames: list[int],
+    ) -> str:
+        """Record a tracked topology: base mesh GLB (first frame) + (F, V, 3) vertex array."""
+        obj = self.get("dynamic", index)
+        base = f"dynamic/{safe_name(obj.name)}/tracked.glb"
+        self._write_mesh(base, obj, vertices[0], faces)
+        verts_rel = f"dynamic/{safe_name(obj.name)}/tracked_vertices.npy"
+        tmp = self.out / (verts_rel + ".tmp.npy")
+        np.save(tmp, vertices.astype(np.float32))
+        os.replace(tmp, self.out / verts_rel)
+        obj.topology = "tracked"
+        obj.mesh = base
+        per_frame = {f["frame"]: f.get("mesh") for f in obj.frames}
+        obj.frames = [{"frame": f, **({"mesh": per_frame[f]} if per_frame.get(f) else {})} for f in frames]
+        obj.extra = {"vertices": verts_rel, "fallback_frames": list(fallback_frames)}
+        self.save()
+        return base
+
+    def write_combined_frames(self) -> None:
+        """One GLB per selected frame with every object of that frame (statics included)."""
+        statics = [(o, self._geometry.get((o.name, -1))) for o in self.objects if o.role == "static"]
+        for frame in self.frames:
+            scene = trimesh.Scene()
+            for o, geom in statics:
+                if geom is not None and len(geom[1]):
+                    scene.add_geometry(self._colored(geom, o.color), node_name=o.name, geom_name=o.name)
+            for o in self.objects:
+                geom = self._geometry.get((o.name, frame)) if o.role == "dynamic" else None
+                if geom is not None and len(geom[1]):
+                    scene.add_geometry(self._colored(geom, o.color), node_name=o.name, geom_name=o.name)
+            path = self.out / "frames" / f"frame_{frame:06d}.glb"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if scene.geometry:
+                path.write_bytes(scene.export(file_type="glb"))
+
+    @staticmethod
+    def _colored(geom: tuple[np.ndarray, np.ndarray], color: list[float]) -> trimesh.Trimesh:
+        mesh = trimesh.Trimesh(vertices=geom[0], faces=geom[1], process=False)
+        rgba = np.array([*(int(c * 255) for c in color), 255], dtype=np.uint8)
+        mesh.visual.face_colors = np.tile(rgba, (len(geom[1]), 1))
+        return mesh
+
+    def geometry(self, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._geometry.get((name, -1 if frame is None else frame))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCENE_FORMAT,
+            "version": SCENE_VERSION,
+            "status": self.status,
+            "up_axis": "y",
+            "source": self.source,
+            "frames": self.frames,
+            "stage_a_frame": self.stage_a_frame,
+            "params": self.params,
+            "objects": [o.to_dict() for o in self.objects],
+        }
+
+    def save(self) -> None:
+        write_json_atomic(self.out / "scene.json", self.to_dict())
+
+    def finish(self, status: str = "complete") -> None:
+        self.status = status
+        self.save()
+
+
+def load_scene(folder: str | Path) -> dict[str, Any]:
+    """Read and check a scene.json (used by tests and tools)."""
+    data = json.loads((Path(folder) / "scene.json").read_text())
+    if data.get("format") != SCENE_FORMAT:
+        raise ValueError(f"{folder}/scene.json is not a {SCENE_FORMAT} manifest")
+    return data

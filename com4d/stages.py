@@ -1,0 +1,210 @@
+"""The COM4D sampling algorithm: stage A (first-frame scene) and stage B (dynamic objects over time).
+
+Pure tensor code: image tokens in, clean latents out. No files, no meshing. The pipeline
+(`com4d.pipeline`) prepares the tokens and turns latents into meshes.
+
+Stage A denoises S static latents and K dynamic latents of one frame jointly in a one-column grid.
+Stage B walks the selected frames in autoregressive windows: each window's grid holds the clean
+static latents (rows 0..S-1, repeated over the columns) and, per dynamic object, clean history
+frames followed by the new frames being denoised (diffusion forcing at inference).
+
+Reference §4.5 / §4.6; the official quirks reproduced here are listed in docs/algorithm.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from com4d.dit import CellContext, COM4DTransformer
+from com4d.scheduler import RectifiedFlowScheduler
+
+# Called once per denoising step: (stage, window, step, steps).
+StepCallback = Callable[[str, int, int, int], None]
+# Called with every model call for tracing/testing: (stage, window, step, x_in, out_cond, out_uncond).
+TraceCallback = Callable[[str, int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One stage-B window: which selected frames are history (clean) and which are new."""
+
+    history: list[int]  # indices into the selected frames
+    new: list[int]
+    initial_history: bool  # the first window also carries the stage-A latent as column 0
+
+    @property
+    def columns(self) -> int:
+        return len(self.history) + len(self.new) + int(self.initial_history)
+
+
+def plan_windows(num_frames: int, block_size: int, max_memory: int) -> list[Window]:
+    """Autoregressive windows: blocks of `block_size` new frames; history = the block before,
+    trimmed from its oldest side so that history + new <= max_memory (the first window has no
+    history but one extra initial-history column)."""
+    if num_frames < 1 or block_size < 1:
+        raise ValueError("need at least one frame and a block size of at least 1")
+    if max_memory < 1:
+        raise ValueError("max_memory must be at least 1")
+    windows = []
+    for start in range(0, num_frames, block_size):
+        new = list(range(start, min(start + block_size, num_frames)))
+        if len(new) > max_memory:
+            raise ValueError(f"block size {block_size} exceeds the memory cap of {max_memory} frames")
+        history = list(range(max(0, start - block_size), start))
+        keep = max_memory - len(new)
+        history = history[len(history) - keep :] if keep > 0 else []
+        windows.append(Window(history=history, new=new, initial_history=start == 0))
+    return windows
+
+
+def _euler(
+    sched: RectifiedFlowScheduler,
+    x: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_cond: torch.Tensor,
+    guidance: float,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
+    v = sched.guidance(v_uncond, v_cond, guidance)
+    return sched.euler_step(x, v, sigma, sigma_next)
+
+
+@torch.no_grad()
+def run_stage_a(
+    model: COM4DTransformer,
+    sched: RectifiedFlowScheduler,
+    noise: torch.Tensor,
+    static_rows: int,
+    ctx_temporal: CellContext,
+    ctx_spatial: CellContext,
+    ctx_zero: CellContext,
+    steps: int = 50,
+    guidance: float = 7.0,
+    full_image_from_step: int = 5,
+    on_step: StepCallback | None = None,
+    trace: TraceCallback | None = None,
+) -> torch.Tensor:
+    """Joint first-frame scene: (S+K, T, C) noise -> (S+K, T, C) clean latents.
+
+    `ctx_temporal` gives statics the full frame and dynamic objects their masked image;
+    `ctx_spatial` gives every row the full frame. The official pipeline uses the masked images in
+    the spatial blocks too for the first `full_image_from_step` steps (hard-coded 5).
+    """
+    sigmas = sched.sigmas(steps)
+    timesteps = sched.timesteps(steps)
+    x = noise[:, None]  # (M, 1, T, C)
+    for i in range(steps):
+        spatial = ctx_spatial if i >= full_image_from_step else ctx_temporal
+        t = timesteps[i : i + 1].to(x.device)
+        cond = model.forward_grid(x, t, ctx_temporal, spatial, static_rows)  # (M, 1, T, C)
+        uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, static_rows)  # (M, 1, T, C)
+        if trace is not None:
+            trace("stage_a", 0, i, x, cond, uncond)
+        x = _euler(sched, x, uncond, cond, guidance, float(sigmas[i]), float(sigmas[i + 1]))
+        if on_step is not None:
+            on_step("stage_a", 0, i, steps)
+    return x[:, 0]
+
+
+@dataclass
+class StageBContexts:
+    """Image tokens for stage B, one entry per selected frame.
+
+    full: (F, Lc, Dc) tokens of the full frames; objects: (K, F, Lc, Dc) tokens of each dynamic
+    object's masked frames. Windows pick their columns from these.
+    """
+
+    full: torch.Tensor
+    objects: torch.Tensor
+
+
+def window_contexts(
+    tokens: StageBContexts, columns: list[int], static_rows: int
+) -> tuple[CellContext, CellContext, CellContext]:
+    """CellContexts (temporal, spatial-mixing, spatial-cutoff) for a window whose column c shows
+    selected frame `columns[c]`. Static rows read the full frame; dynamic rows their masked image
+    (temporal, cutoff) or the full frame (spatial while mixing)."""
+    K = tokens.objects.shape[0]
+    N = len(columns)
+    full = tokens.full[columns]  # (N, Lc, Dc)
+    objs = tokens.objects[:, columns].reshape(K * N, *tokens.full.shape[1:])  # (K*N, Lc, Dc)
+    feats = torch.cat([full, objs])  # (N + K*N, Lc, Dc)
+    rows = static_rows + K
+    own = [c if r < static_rows else N + (r - static_rows) * N + c for r in range(rows) for c in range(N)]
+    frame = [c for _ in range(rows) for c in range(N)]
+    dev = feats.device
+    temporal = CellContext(feats, torch.tensor(own, device=dev))
+    spatial_mix = CellContext(feats, torch.tensor(frame, device=dev))
+    return temporal, spatial_mix, temporal
+
+
+@torch.no_grad()
+def run_stage_b(
+    model: COM4DTransformer,
+    sched: RectifiedFlowScheduler,
+    static_latents: torch.Tensor,
+    initial_latents: torch.Tensor,
+    noise: torch.Tensor,
+    tokens: StageBContexts,
+    zero_tokens: torch.Tensor,
+    block_size: int = 6,
+    max_memory: int = 8,
+    steps: int = 50,
+    guidance: float = 7.0,
+    mix_cutoff: int = 20,
+    on_step: StepCallback | None = None,
+    on_frame: Callable[[int, torch.Tensor], None] | None = None,
+    trace: TraceCallback | None = None,
+) -> torch.Tensor:
+    """Dynamic objects over the selected frames.
+
+    static_latents (S, T, C) and initial_latents (K, T, C) come clean from stage A; noise (K, T, C)
+    is every frame's starting noise (the same for all frames). Returns (K, F, T, C). `on_frame(f,
+    latents (K, T, C))` is called as soon as frame f is final, so meshing can start (and free its
+    memory) while later windows run.
+
+    Official behaviour reproduced: every cell (clean static/history cells too) gets the same
+    timestep; the first window's initial-history column is the stage-A latent with the image
+    tokens of selected frame 0; after step `mix_cutoff` (strictly greater) the spatial blocks turn
+    local and read the object-masked images.
+    """
+    S = static_latents.shape[0]
+    K, T, C = noise.shape
+    F = tokens.full.shape[0]
+    final = torch.empty(K, F, T, C, dtype=noise.dtype, device=noise.device)
+    windows = plan_windows(F, block_size, max_memory)
+    sigmas = sched.sigmas(steps)
+    timesteps = sched.timesteps(steps)
+    for w, win in enumerate(windows):
+        columns = ([0] if win.initial_history else []) + win.history + win.new
+        N = len(columns)
+        ctx_t, ctx_mix, ctx_cut = window_contexts(tokens, columns, S)
+        ctx_zero = CellContext(zero_tokens, torch.zeros(S * N + K * N, dtype=torch.long, device=noise.device))
+        statics = static_latents[:, None].expand(S, N, T, C)  # (S, N, T, C)
+        clean = [initial_latents[:, None]] if win.initial_history else []
+        clean += [final[:, win.history]] if win.history else []
+        context = torch.cat(clean, dim=1) if clean else noise.new_zeros(K, 0, T, C)  # (K, H, T, C)
+        current = noise[:, None].expand(K, len(win.new), T, C).clone()  # (K, J, T, C)
+        for i in range(steps):
+            cutoff = i > mix_cutoff
+            x = torch.cat([statics, torch.cat([context, current], dim=1)])  # (S+K, N, T, C)
+            t = timesteps[i : i + 1].to(x.device)
+            cond = model.forward_grid(x, t, ctx_t, ctx_cut if cutoff else ctx_mix, S, cutoff)
+            uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, S, cutoff)
+            if trace is not None:
+                trace("stage_b", w, i, x, cond, uncond)
+            stepped = _euler(
+                sched, x[S:], uncond[S:], cond[S:], guidance, float(sigmas[i]), float(sigmas[i + 1])
+            )
+            current = stepped[:, N - len(win.new) :]  # only the new columns are written back
+            if on_step is not None:
+                on_step("stage_b", w, i, steps)
+        final[:, win.new] = current
+        if on_frame is not None:
+            for j, f in enumerate(win.new):
+                on_frame(f, current[:, j])
+    return final

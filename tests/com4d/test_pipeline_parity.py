@@ -1,0 +1,141 @@
+"""The whole official inference (fixture case h, `pipeline_tiny`) reproduced by our pipeline.
+
+Inputs, parameters, noise and tolerances all come from the fixture set (COM4D_PARITY_DIR); the
+recorded official noise is injected through `COM4DPipeline.sample(noise=...)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity_utils import load_case, parity_dir  # noqa: E402
+
+from com4d.inputs import load_inputs  # noqa: E402
+from com4d.pipeline import COM4DPipeline, ReconstructionParams  # noqa: E402
+
+
+def params_from_sidecar(side: dict) -> ReconstructionParams:
+    entry = side["params"]["infer_json_entry"]
+    cli = side["params"]["cli"]
+    return ReconstructionParams(
+        num_tokens=entry["num_tokens"],
+        stage_a_frame=entry["first_frame_idx"],
+        frame_start=entry["frames_start_idx"],
+        frame_end=entry["frames_end_idx"],
+        frame_stride=entry["frame_stride"],
+        scene_num_parts=entry["scene_num_parts"],
+        dynamic_ar_block_size=entry["dynamic_ar_block_size"],
+        dynamic_max_memory_frames=entry["dynamic_max_memory_frames"],
+        scene_mix_cutoff=entry["scene_mix_cutoff"],
+        dynamic_mix_cutoff=entry["dynamic_mix_cutoff"],
+        # The official __call__ ignores --scene_steps (quirk 1) and runs its default of 50 steps.
+        scene_steps=50,
+        dynamic_steps=cli["dynamic_steps"],
+        scene_guidance=cli["scene_guidance"],
+        dynamic_guidance=cli["dynamic_guidance"],
+        seed=cli["seed"],
+        image_size=cli["image_size"],
+    )
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_case("pipeline_tiny")
+
+
+@pytest.fixture(scope="module")
+def run(official):
+    side, t = official
+    pipe = COM4DPipeline.from_pretrained(
+        parity_dir() / "weights", device="cpu", dtype=side["params"]["cli"]["dtype"]
+    )
+    inputs = load_inputs(parity_dir() / "cases" / "pipeline_tiny_inputs")
+    assert len(inputs.frames) == side["params"]["frames_on_disk"]
+    assert len(inputs.dynamic) == side["params"]["infer_json_entry"]["dynamic_num_parts"]
+    noise = {
+        "stage_a_static": t["noise_0_stageA_static"],
+        "stage_a_dynamic": t["noise_1_stageA_dynamic"],
+        "stage_b_dynamic": t["noise_2_stageB_dynamic"],
+    }
+    calls: dict[tuple[str, int, int], tuple] = {}
+
+    def trace(stage, window, step, x, cond, uncond):
+        calls[(stage, window, step)] = (x.clone(), cond.clone(), uncond.clone())
+
+    latents = pipe.sample(inputs, params_from_sidecar(side), noise=noise, trace=trace)
+    return pipe, latents, calls
+
+
+def test_default_noise_equals_the_recorded_official_draws(official):
+    from com4d.pipeline import default_noise
+
+    side, t = official
+    entry = side["params"]["infer_json_entry"]
+    C = t["noise_0_stageA_static"].shape[-1]
+    noise = default_noise(
+        entry["scene_num_parts"],
+        entry["dynamic_num_parts"],
+        entry["num_tokens"],
+        C,
+        side["params"]["cli"]["seed"],
+    )
+    torch.testing.assert_close(noise["stage_a_static"], t["noise_0_stageA_static"], atol=0, rtol=0)
+    torch.testing.assert_close(noise["stage_a_dynamic"], t["noise_1_stageA_dynamic"], atol=0, rtol=0)
+    torch.testing.assert_close(noise["stage_b_dynamic"], t["noise_2_stageB_dynamic"], atol=0, rtol=0)
+
+
+def test_stage_a_trace_matches_every_official_call(official, run):
+    side, t = official
+    _, _, calls = run
+    steps = t["stageA_x_in"].shape[0]
+    for i in range(steps):
+        x, _, _ = calls[("stage_a", 0, i)]
+        torch.testing.assert_close(x, t["stageA_x_in"][i], atol=1e-5, rtol=1e-5, msg=f"x_in step {i}")
+    for j, i in enumerate(t["stageA_trace_steps"].tolist()):
+        _, cond, uncond = calls[("stage_a", 0, i)]
+        torch.testing.assert_close(cond, t["stageA_out_cond"][j], atol=1e-5, rtol=1e-5, msg=f"cond step {i}")
+        torch.testing.assert_close(
+            uncond, t["stageA_out_uncond"][j], atol=1e-5, rtol=1e-5, msg=f"uncond step {i}"
+        )
+
+
+def test_stage_b_windows_match_every_official_call(official, run):
+    side, t = official
+    _, _, calls = run
+    windows = t["stageB_timesteps"].shape[0]
+    for w in range(windows):
+        for i in range(t[f"stageB_window{w}_x_in"].shape[0]):
+            x, cond, uncond = calls[("stage_b", w, i)]
+            where = f"window {w} step {i}"
+            torch.testing.assert_close(x, t[f"stageB_window{w}_x_in"][i], atol=1e-5, rtol=1e-5, msg=where)
+            torch.testing.assert_close(
+                cond, t[f"stageB_window{w}_out_cond"][i], atol=1e-5, rtol=1e-5, msg=where
+            )
+            torch.testing.assert_close(
+                uncond, t[f"stageB_window{w}_out_uncond"][i], atol=1e-5, rtol=1e-5, msg=where
+            )
+
+
+def test_final_latents_match_within_the_pipeline_tolerance(official, run):
+    side, t = official
+    _, latents, _ = run
+    tol = side["suggested_tolerance"]["latents"]
+    torch.testing.assert_close(latents.static, t["stageA_static_latents"], **tol)
+    torch.testing.assert_close(latents.dynamic_stage_a, t["stageA_dynamic_latents"], **tol)
+    torch.testing.assert_close(latents.dynamic, t["stageB_dynamic_latents"], **tol)
+
+
+def test_fields_of_the_final_latents_match(official, run):
+    side, t = official
+    pipe, latents, _ = run
+    n = side["params"]["fields_grid_points_per_axis"]
+    axis = torch.linspace(-1.005, 1.005, n)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(1, -1, 3)
+    order = [*latents.static, *latents.dynamic_stage_a, *latents.dynamic[0]]
+    fields = torch.stack([pipe.vae.decode(z[None], grid)[0].reshape(n, n, n) for z in order])
+    torch.testing.assert_close(fields, t["fields_grid9"], atol=1e-4, rtol=1e-4)
