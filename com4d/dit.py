@@ -35,6 +35,9 @@ from com4d.weights import (
     tensor_shapes,
 )
 
+# Tokens per feed-forward slice (see DiTBlock.forward): 32k tokens x 8192 x 2 B = 512 MiB in fp16.
+FF_CHUNK_TOKENS = 32768
+
 
 @dataclass
 class DiTConfig:
@@ -92,16 +95,41 @@ class CellContext:
     """The image tokens each cell cross-attends to, with K/V cached per block.
 
     `features` (U, Lc, Dc) holds U distinct token sets (e.g. one full frame shared by every static
-    row); `index` (B,) says which set cell b reads. Image tokens stay fixed over all denoising steps
-    of a stage, so each block's K/V are computed once per context and reused (the official code
-    recomputes them every step).
+    row); `index` (B,) says which set cell b reads. Each block computes K/V once per distinct set
+    rather than once per cell (the official code does the latter). `cache=True` also keeps them
+    across denoising steps: it saves under 1 % of a step's FLOPs at the real size but holds
+    21 blocks x U x Lc x 2D values (about 5.6 GiB for a stage-B window in fp16), so it is off.
     """
 
-    def __init__(self, features: torch.Tensor, index: torch.Tensor | None = None):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        index: torch.Tensor | None = None,
+        zero: bool = False,
+        cache: bool = False,
+    ):
         self.features = features  # (U, Lc, Dc)
         self.index = torch.arange(features.shape[0], device=features.device) if index is None else index
+        self.zero = zero
+        self.cache = cache
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._buckets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def zeros(cls, cells: int, tokens: int, dim: int, device, dtype) -> CellContext:
+        """All-zero image tokens for every cell: the unconditional branch of guidance.
+
+        With zero tokens K = V = 0, so attention returns 0 and the block's cross-attention output
+        is exactly `to_out`'s bias; `cross_attention` uses that instead of computing it.
+        """
+        feats = torch.zeros(1, tokens, dim, device=device, dtype=dtype)
+        return cls(feats, torch.zeros(cells, dtype=torch.long, device=device), zero=True)
+
+    def subset(self, cells: torch.Tensor) -> CellContext:
+        """The same contexts for a subset of the cells, sharing the cached K/V."""
+        sub = CellContext(self.features, self.index[cells], self.zero, self.cache)
+        sub._kv = self._kv
+        return sub
 
     @classmethod
     def per_cell(cls, tokens: torch.Tensor) -> CellContext:
@@ -109,9 +137,12 @@ class CellContext:
         return cls(tokens.reshape(-1, *tokens.shape[-2:]))
 
     def keys_values(self, block: int, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-        if block not in self._kv:
-            self._kv[block] = attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # (U, H, Lc, hd)
-        return self._kv[block]
+        if block in self._kv:
+            return self._kv[block]
+        kv = attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # 2 x (U, H, Lc, hd)
+        if self.cache:
+            self._kv[block] = kv
+        return kv
 
     def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cells grouped by the context they read, bucketed by group size: [(ctx (G,), cells (G, n))]."""
@@ -137,6 +168,9 @@ class CellContext:
 def cross_attention(attn: Attention, x: torch.Tensor, ctx: CellContext, block: int) -> torch.Tensor:
     """Per-cell cross-attention. Cells reading the same context are batched as one query sequence
     (exact: every query attends to the context independently). x: (B, L, D) -> (B, L, D)."""
+    if ctx.zero:  # K = V = 0: uniform weights over zero values, so the output is to_out's bias
+        bias = attn.to_out[0].bias
+        return bias.expand_as(x) if bias is not None else torch.zeros_like(x)
     q = attn.query(x)  # (B, H, L, hd)
     k, v = ctx.keys_values(block, attn)  # (U, H, Lc, hd)
     B, H, L, hd = q.shape
@@ -178,7 +212,12 @@ class DiTBlock(nn.Module):
             h = self.skip_norm(self.skip_linear(torch.cat([skip, h], dim=-1)))  # (B, L, D)
         h = h + self.attn1(self.norm1(h), groups=groups)  # (B, L, D)
         h = h + cross_attention(self.attn2, self.norm2(h), ctx, block)  # (B, L, D)
-        return h + self.ff(self.norm3(h))  # (B, L, D)
+        # The feed-forward acts per token: run it on slices of cells so its 4x-wide hidden layer
+        # never exists for the whole grid at once (the largest transient of a block).
+        step = max(1, FF_CHUNK_TOKENS // h.shape[1])
+        if h.shape[0] <= step:
+            return h + self.ff(self.norm3(h))  # (B, L, D)
+        return torch.cat([c + self.ff(self.norm3(c)) for c in h.split(step)])  # (B, L, D)
 
 
 class COM4DTransformer(nn.Module):
@@ -247,6 +286,8 @@ class COM4DTransformer(nn.Module):
         ctx_spatial: torch.Tensor | CellContext,
         static_rows: int,
         cutoff: bool = False,
+        row_offset: int = 0,
+        total_rows: int | None = None,
     ) -> torch.Tensor:
         """Denoise an objects-by-frames grid (the official `forward_matrix`).
 
@@ -254,15 +295,21 @@ class COM4DTransformer(nn.Module):
         t: one timestep for every cell. ctx_*: (M, N, Lc, Dc) image tokens per cell, or a
         CellContext over the M*N cells; spatial blocks read `ctx_spatial`, the others `ctx_temporal`.
         cutoff: spatial blocks become local (stage B after the mixing cutoff).
-        Returns (M, N, T, C).
+        row_offset, total_rows: x holds rows row_offset.. of a grid of total_rows rows (whose first
+        static_rows are static). Only valid when the omitted rows cannot interact with the given
+        ones (after the cutoff, static rows are local in every block); the tables still use each
+        row's place in the whole grid. Returns (M, N, T, C).
         """
         M, N, T, C = x.shape
-        grid = routing.Grid(M, N, static_rows)
+        total_rows = M if total_rows is None else total_rows
+        if row_offset and not (cutoff and row_offset <= static_rows):
+            raise ValueError("rows may only be left out after the cutoff, and only static ones")
+        grid = routing.Grid(M, N, max(0, static_rows - row_offset))
         ctx_t = ctx_temporal if isinstance(ctx_temporal, CellContext) else CellContext.per_cell(ctx_temporal)
         ctx_s = ctx_spatial if isinstance(ctx_spatial, CellContext) else CellContext.per_cell(ctx_spatial)
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)[:1]  # (1,)
         h = self.embed_tokens(x.reshape(M * N, T, C), t)  # (B, T+1, D)
-        for term in self.cell_embeddings(grid):  # added one table at a time, in the official order
+        for term in self.cell_embeddings(grid, row_offset, total_rows):  # one table at a time, official order
             h = h + term.to(h.dtype)[:, None]  # (B, T+1, D)
         kinds = routing.block_kinds(self.cfg.num_layers, self.cfg.spatial_block_ids)
         spatial = routing.spatial_groups(grid, cutoff, x.device)
@@ -274,23 +321,27 @@ class COM4DTransformer(nn.Module):
         )
         return self.head(h).reshape(M, N, T, C)  # (M, N, T, C)
 
-    def cell_embeddings(self, grid: routing.Grid) -> list[torch.Tensor]:
+    def cell_embeddings(
+        self, grid: routing.Grid, row_offset: int = 0, total_rows: int | None = None
+    ) -> list[torch.Tensor]:
         """The table rows each cell gets, as a list of (M*N, D) terms in the official order.
 
-        Frame row c (position in the window) if N > 1, part row r if M > 1, then the static
-        embedding for rows < static_rows and the dynamic one for the others.
+        Frame row c (position in the window) if N > 1, part row r if the whole grid has more than
+        one row, then the static embedding for static rows and the dynamic one for the others.
         """
         M, N = grid.rows, grid.cols
+        total_rows = M if total_rows is None else total_rows
         cfg = self.cfg
         terms = []
         if N > 1:
             if N > cfg.frame_rows:
                 raise ValueError(f"{N} window frames but the frame table holds {cfg.frame_rows}")
             terms.append(self.frame_embedding.weight[:N][None, :, :].expand(M, N, -1))
-        if M > 1:
-            if M > cfg.part_rows:
-                raise ValueError(f"{M} objects but the part table holds {cfg.part_rows}")
-            terms.append(self.part_embedding.weight[:M][:, None, :].expand(M, N, -1))
+        if total_rows > 1:
+            if total_rows > cfg.part_rows:
+                raise ValueError(f"{total_rows} objects but the part table holds {cfg.part_rows}")
+            rows = self.part_embedding.weight[row_offset : row_offset + M]
+            terms.append(rows[:, None, :].expand(M, N, -1))
         if cfg.static_embedding or cfg.dynamic_embedding:
             w = self.proj_in.weight
             role = torch.zeros(M, N, cfg.width, dtype=w.dtype, device=w.device)

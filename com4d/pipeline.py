@@ -75,6 +75,7 @@ class ReconstructionParams:
     mesh_final_depth: int = 9
     topology: str = "per_frame"
     tracking_threshold: float | None = None
+    allow_lost: bool = False  # segmentation: keep going when an object is lost on some frames
     memory_budget: int | None = None
     combined_frames: bool = True
     preview: bool = True
@@ -328,7 +329,7 @@ class COM4DPipeline:
     # -- the algorithm ----------------------------------------------------------------------------
 
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
-        return self.image_encoder.encode(images).to(self.dtype)
+        return self.image_encoder.encode(images).to(self.dtype)  # (B, Lc, Dc)
 
     def conditioning_images(
         self, inputs: SceneInputs, params: ReconstructionParams, indices: list[int]
@@ -367,6 +368,7 @@ class COM4DPipeline:
         S = self.scene_parts(inputs, params)
         K = len(inputs.dynamic)
         C = self.transformer.cfg.in_channels
+        self.image_encoder.size = params.image_size
         T = params.num_tokens
         if S + K > self.transformer.cfg.part_rows:
             raise ParameterError(
@@ -401,7 +403,7 @@ class COM4DPipeline:
         index_t = torch.tensor([0] * S + list(range(1, K + 1)), device=dev)
         ctx_t = CellContext(tokens_a, index_t)
         ctx_s = CellContext(tokens_a, torch.zeros(S + K, dtype=torch.long, device=dev))
-        ctx_0 = CellContext(torch.zeros_like(tokens_a[:1]), torch.zeros(S + K, dtype=torch.long, device=dev))
+        ctx_0 = CellContext.zeros(S + K, *tokens_a.shape[-2:], dev, tokens_a.dtype)
         x0 = torch.cat([noise["stage_a_static"], noise["stage_a_dynamic"]]).to(dev, dt)
         clean_a = stages.run_stage_a(
             self.transformer,
@@ -459,51 +461,68 @@ class COM4DPipeline:
     # -- meshing ----------------------------------------------------------------------------------
 
     def mesh_latent(self, latent: torch.Tensor, params: ReconstructionParams):
-        """One latent (T, C) -> trimesh mesh (or None when the field has no surface), field freed."""
+        """One latent (T, C) -> (trimesh mesh or None, field function); the grids are freed on return.
+
+        The band test runs in float16 as in the official (fp16) pipeline. Faces are flipped to wind
+        outwards: the official marching-cubes faces wind inwards on a positive-inside field, which
+        renders inside-out in Blender and glTF viewers; vertices and triangles are otherwise the same.
+        """
         from com4d import meshing
 
         field_fn = self.vae.field_fn(latent)
-        band_dtype = torch.float16 if self.dtype != torch.float32 else torch.float32
         result = meshing.extract_mesh(
             field_fn,
             dense_depth=params.mesh_dense_depth,
             final_depth=params.mesh_final_depth,
-            band_dtype=band_dtype,
+            band_dtype=torch.float16,
+            device=self.vae.device,
         )
-        return result.mesh, field_fn
+        mesh = meshing.flip_winding(result.mesh) if result.mesh is not None else None
+        return mesh, field_fn
 
     # -- the whole job ----------------------------------------------------------------------------
 
     def prepare_inputs(
         self,
         request: ReconstructionRequest,
+        params: ReconstructionParams,
         out_dir: Path,
         on_event: EventCallback,
         cancel: CancelToken | None,
-    ) -> SceneInputs:
-        if request.prompts is not None:
-            if self.sam_checkpoint is None:
-                raise ParameterError("prompts need a SAM checkpoint (--sam); or give masks instead")
-            if request.video is None:
-                raise InputError("prompts need a video (or frames folder) to segment")
-            from com4d.segment import segment_clip_to_folder
+    ) -> tuple[SceneInputs, ReconstructionParams]:
+        """Inputs of a request, segmenting first when it has prompts.
 
-            seg_dir = out_dir / "segmentation"
-            segment_clip_to_folder(
-                request.video,
-                request.prompts,
-                self.sam_checkpoint,
-                seg_dir,
-                on_event=on_event,
-                cancel=cancel,
-                device=str(self.device),
+        Segmentation reads only the selected frames (params' start/end/stride, as source frame
+        numbers); the returned params then select all of them.
+        """
+        if request.prompts is None:
+            if request.frames_dir is None:
+                raise InputError("nothing to reconstruct: give an input folder with masks/, or a video with prompts")
+            return load_inputs(request.frames_dir, video=request.video), params
+        if self.sam_checkpoint is None:
+            raise ParameterError("prompts need a SAM checkpoint (--sam); or give masks instead")
+        if request.video is None:
+            raise InputError("prompts need a video (or frames folder) to segment")
+        from com4d.segment import segment_clip_to_folder
+
+        seg = segment_clip_to_folder(
+            request.video, request.prompts, self.sam_checkpoint, out_dir / "segmentation",
+            on_event=on_event, cancel=cancel, device=str(self.device),
+            start=params.frame_start, end=params.frame_end, stride=params.frame_stride,
+            on_lost="warn" if params.allow_lost else "error",
+        )
+        inputs = load_inputs(seg.out_dir)
+        inputs.source = str(request.video)
+        stage_a = params.frame_start if params.stage_a_frame is None else params.stage_a_frame
+        if stage_a not in inputs.frame_numbers:
+            raise ParameterError(
+                f"stage_a_frame {stage_a} is not among the segmented frames {inputs.frame_numbers[:6]}...; "
+                "pick one of the selected frames"
             )
-            return load_inputs(seg_dir)
-        if request.frames_dir is None:
-            raise InputError(
-                "nothing to reconstruct: give an input folder with masks/, or a video with prompts"
-            )
-        return load_inputs(request.frames_dir, video=request.video)
+        selected = dataclasses.replace(
+            params, frame_start=0, frame_end=None, frame_stride=1, stage_a_frame=inputs.frame_numbers.index(stage_a)
+        )
+        return inputs, selected
 
     def reconstruct(
         self,
@@ -521,11 +540,10 @@ class COM4DPipeline:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         on_event(Progress(stage="load", message="reading inputs"))
-        inputs = (
-            request
-            if isinstance(request, SceneInputs)
-            else self.prepare_inputs(request, out, on_event, cancel)
-        )
+        if isinstance(request, SceneInputs):
+            inputs = request
+        else:
+            inputs, params = self.prepare_inputs(request, params, out, on_event, cancel)
         sel = select_frames(inputs, params)
         S = self.scene_parts(inputs, params)
         K = len(inputs.dynamic)

@@ -156,6 +156,7 @@ def run_stage_b(
     steps: int = 50,
     guidance: float = 7.0,
     mix_cutoff: int = 20,
+    skip_static_after_cutoff: bool = True,
     on_step: StepCallback | None = None,
     on_frame: Callable[[int, torch.Tensor], None] | None = None,
     trace: TraceCallback | None = None,
@@ -170,7 +171,7 @@ def run_stage_b(
     Official behaviour reproduced: every cell (clean static/history cells too) gets the same
     timestep; the first window's initial-history column is the stage-A latent with the image
     tokens of selected frame 0; after step `mix_cutoff` (strictly greater) the spatial blocks turn
-    local and read the object-masked images.
+    local and read the object-masked images. The trace reports the dynamic rows' outputs.
     """
     S = static_latents.shape[0]
     K, T, C = noise.shape
@@ -183,7 +184,9 @@ def run_stage_b(
         columns = ([0] if win.initial_history else []) + win.history + win.new
         N = len(columns)
         ctx_t, ctx_mix, ctx_cut = window_contexts(tokens, columns, S)
-        ctx_zero = CellContext(zero_tokens, torch.zeros(S * N + K * N, dtype=torch.long, device=noise.device))
+        ctx_zero = CellContext.zeros((S + K) * N, *zero_tokens.shape[-2:], noise.device, zero_tokens.dtype)
+        dyn_cells = torch.arange(S * N, (S + K) * N, device=noise.device)
+        ctx_t_dyn, ctx_cut_dyn, ctx_zero_dyn = (c.subset(dyn_cells) for c in (ctx_t, ctx_cut, ctx_zero))
         statics = static_latents[:, None].expand(S, N, T, C)  # (S, N, T, C)
         clean = [initial_latents[:, None]] if win.initial_history else []
         clean += [final[:, win.history]] if win.history else []

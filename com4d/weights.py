@@ -198,3 +198,32 @@ def resolve_weights_root(folder: Path) -> tuple[Path, Path]:
         f"{folder} is not a weights folder: expected TripoSG/ and COM4D/ subfolders "
         "(see README, 'Weights')"
     )
+
+
+def standard_to_heads_first(state: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """The inverse of `heads_first_to_standard`: our layout -> the official on-disk layout.
+
+    Used to save models (e.g. the bundled demo weights, test models) exactly as the official code
+    would, so that they load through the same path as a user's download.
+    """
+    out = dict(state)
+    for key in state:
+        m = re.fullmatch(r"(.*\.attn1)\.to_q\.weight", key)
+        if m:
+            p = m.group(1)
+            ws = [state[f"{p}.to_{n}.weight"] for n in "qkv"]
+            d, fan_in = ws[0].shape
+            w = torch.stack([x.view(num_heads, d // num_heads, fan_in) for x in ws], 1)  # (H, 3, hd, in)
+            w = w.reshape(3 * d, fan_in)
+            for i, n in enumerate("qkv"):
+                out[f"{p}.to_{n}.weight"] = w[i * d : (i + 1) * d].contiguous()
+            continue
+        m = re.fullmatch(r"(.*\.attn2)\.to_k\.weight", key)
+        if m:
+            p = m.group(1)
+            ws = [state[f"{p}.to_{n}.weight"] for n in "kv"]
+            d, fan_in = ws[0].shape
+            w = torch.stack([x.view(num_heads, d // num_heads, fan_in) for x in ws], 1).reshape(2 * d, fan_in)
+            out[f"{p}.to_k.weight"] = w[:d].contiguous()
+            out[f"{p}.to_v.weight"] = w[d:].contiguous()
+    return out

@@ -138,3 +138,16 @@ def test_missing_weights_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text((COM4D_DIT / "config.json").read_text())
     with pytest.raises(WeightsError, match="missing weights file"):
         COM4DTransformer.from_pretrained(tmp_path)
+
+
+def test_layout_conversion_round_trips():
+    from com4d.weights import heads_first_to_standard, standard_to_heads_first
+
+    state = load_file(str(COM4D_DIT / "diffusion_pytorch_model.safetensors"))
+    heads = json.loads((COM4D_DIT / "config.json").read_text())["num_attention_heads"]
+    back = standard_to_heads_first(heads_first_to_standard(state, heads), heads)
+    assert back.keys() == state.keys()
+    for k in state:
+        torch.testing.assert_close(back[k], state[k], atol=0, rtol=0)
+    converted = heads_first_to_standard(state, heads)
+    assert not torch.equal(converted["blocks.0.attn1.to_k.weight"], state["blocks.0.attn1.to_k.weight"])

@@ -1,0 +1,1 @@
+"""The COM4D backend: a ZeroMQ job server around the com4d library."""

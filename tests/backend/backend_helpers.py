@@ -1,0 +1,91 @@
+"""Helpers of the backend tests: paths of the tiny fixtures, job parameters that run in seconds on
+CPU, a server on a free loopback port (in-process or as a `com4d-backend serve` subprocess), and a
+raw DEALER for bytes no well-behaved client would send."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from backend import protocol
+from backend.client import Client
+from backend.server import Server, ServerConfig
+from backend.store import JobStore
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(os.environ.get("COM4D_FIXTURES", "/work/shared/fixtures"))
+TINY_WEIGHTS = FIXTURES / "parity" / "weights"
+BUNDLED_WEIGHTS = REPO / "com4d" / "assets" / "demo" / "weights"
+TINY_MASKS = FIXTURES / "parity" / "cases" / "pipeline_tiny_inputs"  # frames/ + masks/ (5 frames, 1 object)
+
+# A job of the tiny model that takes a few seconds on two CPU cores: 3 frames, 2 denoising steps per
+# stage, a coarse meshing grid, small conditioning images, no preview.
+FAST_PARAMS = {
+    "num_tokens": 16, "scene_steps": 2, "dynamic_steps": 2, "scene_mix_cutoff": 2, "frame_stride": 1,
+    "frame_end": 3, "dynamic_ar_block_size": 2, "dynamic_max_memory_frames": 2, "mesh_dense_depth": 3,
+    "mesh_final_depth": 4, "image_size": 56, "preview": False, "combined_frames": False,
+}
+# The same job with many denoising steps, to have time to cancel it or to kill the server.
+SLOW_PARAMS = {**FAST_PARAMS, "scene_steps": 400, "scene_mix_cutoff": 400}
+
+
+def weights_dir() -> Path:
+    for candidate in (TINY_WEIGHTS, BUNDLED_WEIGHTS):
+        if (candidate / "COM4D").is_dir() and (candidate / "TripoSG").is_dir():
+            return candidate
+    pytest.skip("no tiny weights (set COM4D_FIXTURES or build com4d/assets/demo/weights)")
+
+
+def masks_dir() -> Path:
+    if not (TINY_MASKS / "masks").is_dir():
+        pytest.skip(f"no tiny masks folder at {TINY_MASKS}")
+    return TINY_MASKS
+
+
+def start_server(pipeline, store_dir: Path, **config) -> Server:
+    config.setdefault("bind", "tcp://127.0.0.1:*")  # libzmq picks a free port
+    server = Server(pipeline, JobStore(store_dir), ServerConfig(**config))
+    server.start()
+    return server
+
+
+def collect_job(client: Client, job: str, timeout: float = 120.0) -> list:
+    """All messages of `job` until its `done`/`error` (bounded by `timeout` seconds of silence)."""
+    return list(client.job_events(job, timeout=timeout))
+
+
+def run_cli_server(store: Path, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """`python -m backend.cli serve` as a subprocess on a free loopback port; returns it and its address."""
+    cmd = [sys.executable, "-m", "backend.cli", "serve", "--weights", str(weights_dir()), "--store", str(store),
+           "--device", "cpu", "--bind", "tcp://127.0.0.1:*", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("com4d-backend serving on "):
+            return proc, line.split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"the backend did not start: {proc.stderr.read()[-2000:]}")
+
+
+def raw_request(address: str, frames: list[Any], timeout: float = 5.0) -> protocol.Message | None:
+    """Send `frames` as they are from a fresh DEALER; the decoded reply, or None if none came."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(frames)
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return protocol.decode(sock.recv_multipart(), direction="reply")
+    finally:
+        sock.close()
