@@ -56,6 +56,7 @@ class MeshReady(Event):
     vertices: np.ndarray  # (V, 3) float32, canonical y-up cube
     faces: np.ndarray  # (F, 3) int32
     path: str = ""
+    color: list[float] = field(default_factory=list)  # RGB 0..1, the object's colour in the manifest
     kind = "mesh"
 
 
@@ -70,6 +71,7 @@ class TrackedMeshReady(Event):
     faces: np.ndarray  # (Fc, 3) int32
     path: str = ""
     fallback_frames: list[int] = field(default_factory=list)
+    color: list[float] = field(default_factory=list)
     kind = "tracked_mesh"
 
 

@@ -572,7 +572,7 @@ class COM4DPipeline:
             source={"input": inputs.source, "width": w, "height": h, "fps": inputs.fps},
             params=params.to_dict(),
         )
-        tracked_frames: dict[int, list] = {k: [] for k in range(K)}
+        trackers: dict[int, Any] = {}  # dynamic object -> tracking.SequenceTracker (topology="tracked")
         timings = {"meshing": 0.0}
 
         def tick(n: int = 1) -> int:
@@ -612,7 +612,7 @@ class COM4DPipeline:
                 frame = frame_numbers[frame_index]
                 rel = writer.add_dynamic_frame(index, frame, verts, faces)
                 if params.topology == "tracked":
-                    tracked_frames[index].append((frame, field_fn, verts, faces))
+                    self._track_frame(trackers, index, frame, field_fn, verts, faces, params, on_event)
             if len(faces) == 0:
                 on_event(
                     WarningEvent(
@@ -631,6 +631,7 @@ class COM4DPipeline:
                     vertices=verts,
                     faces=faces,
                     path=rel,
+                    color=writer.get(role, index).color,
                 )
             )
             on_event(Progress(stage="meshing", done=tick(), total=total, message=f"{name} frame {frame}"))
@@ -666,7 +667,7 @@ class COM4DPipeline:
                     f"window (dynamic_max_memory_frames) ({err})"
                 ) from err
             if params.topology == "tracked":
-                self._track(writer, names, S, tracked_frames, params, on_event)
+                self._finish_tracking(writer, names, S, trackers, on_event)
             on_event(Progress(stage="export", done=done[0], total=total, message="combined frames"))
             if params.combined_frames:
                 writer.write_combined_frames()
@@ -681,7 +682,7 @@ class COM4DPipeline:
             writer.finish("failed")
             raise
         finally:
-            tracked_frames.clear()
+            trackers.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -690,52 +691,41 @@ class COM4DPipeline:
         on_event(Done(scene_path="scene.json"))
         return SceneResult(out / "scene.json", out, frame_numbers, timings)
 
-    def _track(
-        self,
-        writer: SceneWriter,
-        names: list[str],
-        S: int,
-        per_object: dict[int, list],
-        params: ReconstructionParams,
-        on_event: EventCallback,
-    ) -> None:
-        """Tracked topology: carry each dynamic object's first mesh through its frames."""
+    @staticmethod
+    def _track_frame(trackers: dict, index: int, frame: int, field_fn, verts: np.ndarray, faces: np.ndarray,
+                     params: ReconstructionParams, on_event: EventCallback) -> None:
+        """Tracked topology: move object `index`'s first mesh onto this frame's surface while the
+        frame's field is still alive (it is freed right after)."""
         from com4d import tracking
 
-        config = tracking.TrackingConfig()
-        if params.tracking_threshold is not None:
-            config = dataclasses.replace(config, chamfer_threshold=params.tracking_threshold)
-        for k, items in per_object.items():
-            if not items or len(items[0][3]) == 0:
-                continue
-            on_event(Progress(stage="tracking", message=names[S + k]))
-            frames = [f for f, *_ in items]
-            seq = tracking.track_sequence(
-                items[0][2], items[0][3], [(fn, v, f) for _, fn, v, f in items], config
-            )
-            fallback = [frames[i] for i in seq.fallback_frames]
-            rel = writer.set_tracked(k, frames, seq.vertices, seq.faces, fallback)
+        if index not in trackers:
+            if len(faces) == 0:
+                return  # no base mesh yet: the object starts tracking at its first non-empty frame
+            config = tracking.TrackingConfig()
+            if params.tracking_threshold is not None:
+                config = dataclasses.replace(config, chamfer_threshold=params.tracking_threshold)
+            trackers[index] = tracking.SequenceTracker(verts, faces, config)
+        on_event(Progress(stage="tracking", message=f"object {index} frame {frame}"))
+        trackers[index].add_frame(field_fn, verts, faces, frame)
+
+    @staticmethod
+    def _finish_tracking(writer: SceneWriter, names: list[str], S: int, trackers: dict,
+                         on_event: EventCallback) -> None:
+        for k, tracker in sorted(trackers.items()):
+            seq = tracker.result()
+            fallback = list(seq.fallback_frames)
+            rel = writer.set_tracked(k, seq.frames, seq.vertices, seq.faces, fallback)
             if fallback:
-                on_event(
-                    WarningEvent(
-                        code="tracking_fallback",
-                        message=f"{names[S + k]}: the tracked mesh drifts from the surface on "
-                        f"{len(fallback)} frame(s); "
-                        "those frames keep their own meshes",
-                        frames=fallback,
-                    )
-                )
-            on_event(
-                TrackedMeshReady(
-                    name=names[S + k],
-                    object_index=k,
-                    frames=frames,
-                    vertices=seq.vertices,
-                    faces=seq.faces,
-                    path=rel,
-                    fallback_frames=fallback,
-                )
-            )
+                why = "; ".join(seq.reasons[f] for f in fallback[:3])
+                on_event(WarningEvent(
+                    code="tracking_fallback",
+                    message=f"{names[S + k]}: the tracked mesh does not follow the surface on {len(fallback)} "
+                            f"frame(s) ({why}); those frames keep their own meshes",
+                    frames=fallback,
+                ))
+            on_event(TrackedMeshReady(name=names[S + k], object_index=k, frames=list(seq.frames),
+                                      vertices=seq.vertices, faces=seq.faces, path=rel, fallback_frames=fallback,
+                                      color=writer.get("dynamic", k).color))
 
 
 __all__ = [

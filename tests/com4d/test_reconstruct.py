@@ -171,3 +171,24 @@ def test_cli_reconstruct_runs_the_official_folder_layout(tmp_path, clip, capsys)
     scene = json.loads((out / "scene.json").read_text())
     assert scene["status"] == "complete" and scene["frames"] == [0, 1, 2, 3]
     assert scene["params"]["num_tokens"] == 16
+
+
+def test_tracked_topology_gives_one_mesh_per_object_with_per_frame_vertices(pipe, clip, tmp_path):
+    events = []
+    params = ReconstructionParams.from_dict({**FAST, "topology": "tracked"})
+    pipe.reconstruct(ReconstructionRequest(frames_dir=clip), params, tmp_path / "out", on_event=events.append)
+    tracked = [e for e in events if e.kind == "tracked_mesh"]
+    scene = load_scene(tmp_path / "out")
+    assert len(tracked) == 1 and tracked[0].frames == scene["frames"]
+    ev = tracked[0]
+    assert ev.vertices.shape == (len(scene["frames"]), *ev.vertices.shape[1:]) and ev.vertices.shape[2] == 3
+    ball = next(o for o in scene["objects"] if o["name"] == "ball")
+    assert ball["topology"] == "tracked"
+    stored = np.load(tmp_path / "out" / ball["vertices"])
+    np.testing.assert_array_equal(stored, ev.vertices)
+    base = trimesh.load(tmp_path / "out" / ball["mesh"], force="mesh", process=False)
+    assert len(base.faces) == len(ev.faces)
+    assert set(ball["fallback_frames"]) == set(ev.fallback_frames) <= set(scene["frames"])
+    # every fallback frame keeps its own per-frame mesh in the manifest
+    own = {f["frame"] for f in ball["frames"] if f.get("mesh")}
+    assert set(ev.fallback_frames) <= own
