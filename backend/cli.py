@@ -19,8 +19,22 @@ EXAMPLES = """examples:
 """
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -34,26 +48,43 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="com4d-backend", description="The COM4D reconstruction service (ZeroMQ + msgpack).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="com4d-backend",
+        description="The COM4D reconstruction service (ZeroMQ + msgpack).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
-        "serve", help="load the weights once and serve jobs", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "serve",
+        help="load the weights once and serve jobs",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--weights", required=True, type=Path, help="folder with TripoSG/ and COM4D/")
     serve.add_argument("--sam", type=Path, default=None, help="SAM checkpoint (needed for video + prompts)")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (default %(default)s)")
     serve.add_argument("--store", type=Path, default=Path("com4d-jobs"), help="job store folder")
     serve.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default %(default)s)")
-    serve.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-                       help="model dtype (default float16 on cuda, float32 on cpu)")
+    serve.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float16", "bfloat16", "float32"),
+        help="model dtype (default float16 on cuda, float32 on cpu)",
+    )
     serve.add_argument("--keys", type=Path, default=None, help="folder with server.key_secret (CurveZMQ)")
     serve.add_argument("--clients", type=Path, default=None, help="folder of admitted client public keys")
-    serve.add_argument("--allow-any-client", action="store_true",
-                       help="with --keys: admit any client that knows the server's public key")
-    serve.add_argument("--memory-budget", type=parse_size, default=None,
-                       help="refuse jobs estimated above this much memory, e.g. 20GiB")
+    serve.add_argument(
+        "--allow-any-client",
+        action="store_true",
+        help="with --keys: admit any client that knows the server's public key",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=None,
+        help="refuse jobs estimated above this much memory, e.g. 20GiB",
+    )
     serve.add_argument("--max-queue", type=int, default=16)
     serve.add_argument("--max-frames", type=int, default=1024)
     serve.add_argument("--max-objects", type=int, default=32)
@@ -61,18 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true")
 
     keys = sub.add_parser(
-        "keys", help="make CurveZMQ key pairs for a non-loopback server",
+        "keys",
+        help="make CurveZMQ key pairs for a non-loopback server",
         epilog="examples:\n  com4d-backend keys ~/com4d-keys\n  com4d-backend keys ~/com4d-keys --client laptop",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     keys.add_argument("folder", type=Path)
     keys.add_argument("--client", default="client", help="name of the client key pair to make")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
 
     ping = sub.add_parser(
-        "ping", help="ask a running backend who it is (prints its hello as JSON)",
+        "ping",
+        help="ask a running backend who it is (prints its hello as JSON)",
         epilog="examples:\n  com4d-backend ping --connect tcp://127.0.0.1:5555\n  com4d-backend ping --connect "
         "tcp://gpu-box:5555 --server-key keys/server.key --client-key keys/clients/client.key_secret",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ping.add_argument("--connect", default="tcp://127.0.0.1:5555")
     ping.add_argument("--server-key", type=Path, default=None, help="the server's public key file")
     ping.add_argument("--client-key", type=Path, default=None, help="this client's .key_secret file")
@@ -86,9 +121,15 @@ def _serve(args: argparse.Namespace) -> int:
     from backend.store import JobStore
 
     config = ServerConfig(
-        bind=args.bind, device=args.device, memory_budget=args.memory_budget, max_queue=args.max_queue,
-        max_frames=args.max_frames, max_objects=args.max_objects, max_video_bytes=args.max_video,
-        allow_any_client=args.allow_any_client)
+        bind=args.bind,
+        device=args.device,
+        memory_budget=args.memory_budget,
+        max_queue=args.max_queue,
+        max_frames=args.max_frames,
+        max_objects=args.max_objects,
+        max_video_bytes=args.max_video,
+        allow_any_client=args.allow_any_client,
+    )
     if args.keys is not None:
         config.server_keys = load_server_keys(args.keys)
     if args.clients is not None:
@@ -100,8 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
     logging.getLogger("com4d.backend").info("loading %s on %s (%s)", args.weights, args.device, dtype)
-    pipeline = COM4DPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype,
-                                             sam_checkpoint=args.sam)
+    pipeline = COM4DPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, sam_checkpoint=args.sam)
     server = Server(pipeline, JobStore(args.store), config)
     server.bind()
     print(f"com4d-backend serving on {server.address}", flush=True)
@@ -120,8 +160,10 @@ def _keys(args: argparse.Namespace) -> int:
 
     for path in make_keys(args.folder, client=args.client, force=args.force):
         print(path)
-    print(f"Serve with: --keys {args.folder} --clients {args.folder / 'clients'}\n"
-          f"Give clients {args.folder / 'server.key'} and their own clients/<name>.key_secret.")
+    print(
+        f"Serve with: --keys {args.folder} --clients {args.folder / 'clients'}\n"
+        f"Give clients {args.folder / 'server.key'} and their own clients/<name>.key_secret."
+    )
     return 0
 
 
@@ -137,8 +179,10 @@ def _ping(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
     commands = {"serve": _serve, "keys": _keys, "ping": _ping}
     try:
         return commands[args.command](args)

@@ -5,9 +5,9 @@ Used by the Blender extension (copied there verbatim next to protocol.py), by th
 
 Threading: a ZeroMQ socket belongs to one thread. A `Client` guards its socket with a lock, so one
 background thread can run `messages()` / `job_events()` while another calls `cancel()`; each socket
-operation is short (waits are sliced), so neither blocks the other for long. Replies that arrive
-while a `request()` waits for its own reply are kept and handed out by `poll()` in arrival order,
-so no event is lost.
+operation is short (waits are sliced), so neither blocks the other for long. Every received message
+goes into one inbox in arrival order; a `request()` takes its own reply out of it, `poll()` and
+`job_events()` take the rest in order, so no event is lost or reordered, whichever thread read it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,12 @@ class BackendError(Exception):
 
     @classmethod
     def from_message(cls, message: protocol.Message) -> BackendError:
-        return cls(str(message.get("code", "internal")), str(message.get("message", "")),
-                   message.get("advice"), message.get("job"))
+        return cls(
+            str(message.get("code", "internal")),
+            str(message.get("message", "")),
+            message.get("advice"),
+            message.get("job"),
+        )
 
 
 class BackendTimeout(BackendError):
@@ -92,10 +96,17 @@ class Client:
     made otherwise). `timeout` is the default wait for a reply, in seconds.
     """
 
-    def __init__(self, address: str | None = None, server_public_key: str | bytes | None = None,
-                 client_keys: tuple[str | bytes, str | bytes] | None = None, *, timeout: float = 10.0,
-                 limits: protocol.Limits | None = None, context: zmq.Context | None = None,
-                 name: str = "com4d-client"):
+    def __init__(
+        self,
+        address: str | None = None,
+        server_public_key: str | bytes | None = None,
+        client_keys: tuple[str | bytes, str | bytes] | None = None,
+        *,
+        timeout: float = 10.0,
+        limits: protocol.Limits | None = None,
+        context: zmq.Context | None = None,
+        name: str = "com4d-client",
+    ):
         self.timeout = timeout
         self.limits = limits or protocol.Limits()
         self.name = name
@@ -105,15 +116,20 @@ class Client:
         self._client_keys: tuple[bytes, bytes] | None = None
         self._socket: zmq.Socket | None = None
         self._ids = itertools.count(1)
-        self._pending: collections.deque[protocol.Message] = collections.deque()
+        self._inbox: collections.deque[protocol.Message] = collections.deque()
+        self._awaited: dict[Any, tuple[str, ...]] = {}  # request id -> the reply types a request() awaits
         self._lock = threading.RLock()
         if address is not None:
             self.connect(address, server_public_key, client_keys)
 
     # -- connection -----------------------------------------------------------------------------
 
-    def connect(self, address: str = DEFAULT_ADDRESS, server_public_key: str | bytes | None = None,
-                client_keys: tuple[str | bytes, str | bytes] | None = None) -> Client:
+    def connect(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        server_public_key: str | bytes | None = None,
+        client_keys: tuple[str | bytes, str | bytes] | None = None,
+    ) -> Client:
         """Open a DEALER socket to `address` (connecting is lazy: errors show up as timeouts)."""
         with self._lock:
             self.close()
@@ -129,8 +145,9 @@ class Client:
     def _open(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.limits.max_array_bytes, self.limits.max_file_bytes,
-                                            self.limits.max_header_bytes))
+        sock.setsockopt(
+            zmq.MAXMSGSIZE, max(self.limits.max_array_bytes, self.limits.max_file_bytes, self.limits.max_header_bytes)
+        )
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         if self._server_key is not None:
@@ -168,41 +185,68 @@ class Client:
 
     # -- raw messages ---------------------------------------------------------------------------
 
-    def send(self, type_: str, fields: Mapping[str, Any] | None = None,
-             arrays: Mapping[str, Any] | None = None, files: Mapping[str, Any] | None = None) -> int:
+    def send(
+        self,
+        type_: str,
+        fields: Mapping[str, Any] | None = None,
+        arrays: Mapping[str, Any] | None = None,
+        files: Mapping[str, Any] | None = None,
+    ) -> int:
         """Send one request; returns its id (replies and job events carry it back)."""
         rid = next(self._ids)
+        self._send(rid, type_, fields, arrays, files)
+        return rid
+
+    def _send(
+        self,
+        rid: int,
+        type_: str,
+        fields: Mapping[str, Any] | None,
+        arrays: Mapping[str, Any] | None,
+        files: Mapping[str, Any] | None,
+    ) -> None:
         message = protocol.Message(type_, rid, dict(fields or {}), dict(arrays or {}), dict(files or {}))
         frames = protocol.encode(message)
         with self._lock:
             if self._socket is None:
                 raise BackendError("not_connected", "call connect(address) first")
             self._socket.send_multipart(frames, copy=False)
-        return rid
 
-    def _recv(self, timeout: float) -> protocol.Message | None:
+    def _pump(self, timeout: float) -> None:
+        """Receive at most one message into the inbox, waiting at most `timeout` seconds."""
         with self._lock:
             if self._socket is None:
                 raise BackendError("not_connected", "call connect(address) first")
             if not self._socket.poll(int(max(timeout, 0.0) * 1000), zmq.POLLIN):
-                return None
+                return
             frames = self._socket.recv_multipart(copy=False)
-        try:
-            return protocol.decode(frames, self.limits, direction="reply")
-        except protocol.ProtocolError as exc:  # a broken reply becomes an error the caller can show
-            return protocol.error(exc.code, f"an unreadable reply from the backend: {exc}", exc.request_id)
+            try:
+                message = protocol.decode(frames, self.limits, direction="reply")
+            except protocol.ProtocolError as exc:  # a broken reply becomes an error the caller can show
+                message = protocol.error(exc.code, f"an unreadable reply from the backend: {exc}", exc.request_id)
+            self._inbox.append(message)
 
-    def poll(self, timeout: float = 0.0) -> protocol.Message | None:
-        """The next message (kept ones first), waiting at most `timeout` seconds; None if none came."""
-        with self._lock:
-            if self._pending:
-                return self._pending.popleft()
+    def _take(self, wanted: Callable[[protocol.Message], bool], timeout: float) -> protocol.Message | None:
+        """The first inbox message that `wanted` accepts, receiving for up to `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
+            with self._lock:
+                for i, message in enumerate(self._inbox):
+                    if wanted(message):
+                        del self._inbox[i]
+                        return message
             left = deadline - time.monotonic()
-            message = self._recv(min(max(left, 0.0), _POLL_SLICE_S))
-            if message is not None or left <= 0:
-                return message
+            if left <= 0:
+                return None
+            self._pump(min(left, _POLL_SLICE_S))
+
+    def _not_awaited(self, message: protocol.Message) -> bool:
+        """False for the reply a `request()` (maybe on another thread) is waiting for."""
+        return message.type not in self._awaited.get(message.id, ())
+
+    def poll(self, timeout: float = 0.0) -> protocol.Message | None:
+        """The next message in arrival order, waiting at most `timeout` seconds; None if none came."""
+        return self._take(self._not_awaited, timeout)
 
     def drain(self, max_messages: int = 1000) -> list[protocol.Message]:
         """Every message available right now, without waiting (for a UI timer tick)."""
@@ -214,8 +258,9 @@ class Client:
             out.append(message)
         return out
 
-    def messages(self, idle_timeout: float | None = None, stop: threading.Event | None = None
-                 ) -> Iterator[protocol.Message]:
+    def messages(
+        self, idle_timeout: float | None = None, stop: threading.Event | None = None
+    ) -> Iterator[protocol.Message]:
         """Yield messages as they arrive, until `stop` is set or nothing came for `idle_timeout` s."""
         last = time.monotonic()
         while stop is None or not stop.is_set():
@@ -226,25 +271,33 @@ class Client:
             elif idle_timeout is not None and time.monotonic() - last > idle_timeout:
                 return
 
-    def request(self, type_: str, fields: Mapping[str, Any] | None = None, *, timeout: float | None = None,
-                arrays: Mapping[str, Any] | None = None, files: Mapping[str, Any] | None = None
-                ) -> protocol.Message:
+    def request(
+        self,
+        type_: str,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        arrays: Mapping[str, Any] | None = None,
+        files: Mapping[str, Any] | None = None,
+    ) -> protocol.Message:
         """Send a request and wait for its first reply; an `error` reply raises BackendError."""
-        rid = self.send(type_, fields, arrays, files)
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = self._recv(min(deadline - time.monotonic(), _POLL_SLICE_S))
-            if message is None:
-                continue
-            if message.id == rid and message.type in ("error", *_REPLY_TYPES.get(type_, ())):
-                if message.type == "error":
-                    raise BackendError.from_message(message)
-                return message
-            with self._lock:
-                self._pending.append(message)
-        raise BackendTimeout(f"no reply to {type_!r} from {self.address} within {timeout:g} s; is the "
-                             "backend running, and are the address and keys right?")
+        expected = ("error", *_REPLY_TYPES.get(type_, ()))
+        rid = next(self._ids)
+        self._awaited[rid] = expected
+        try:
+            self._send(rid, type_, fields, arrays, files)
+            message = self._take(lambda m: m.id == rid and m.type in expected, timeout)
+        finally:
+            self._awaited.pop(rid, None)
+        if message is None:
+            raise BackendTimeout(
+                f"no reply to {type_!r} from {self.address} within {timeout:g} s; is the "
+                "backend running, and are the address and keys right?"
+            )
+        if message.type == "error":
+            raise BackendError.from_message(message)
+        return message
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -272,11 +325,19 @@ class Client:
         `job_events(job)`. Returns the request id."""
         return self.send("fetch", {"job": job, "follow": follow})
 
-    def submit(self, video: str | os.PathLike | bytes | None = None, prompts: Mapping[str, Any] | None = None,
-               masks: str | os.PathLike | None = None, params: Mapping[str, Any] | None = None,
-               label: str | None = None, *, video_filename: str = "video.mp4",
-               same_machine: bool | None = None, resubmit: str | None = None,
-               timeout: float | None = None) -> str:
+    def submit(
+        self,
+        video: str | os.PathLike | bytes | None = None,
+        prompts: Mapping[str, Any] | None = None,
+        masks: str | os.PathLike | None = None,
+        params: Mapping[str, Any] | None = None,
+        label: str | None = None,
+        *,
+        video_filename: str = "video.mp4",
+        same_machine: bool | None = None,
+        resubmit: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
         """Queue a reconstruction; returns the job id. Its events follow (see `job_events`).
 
         Give `video` (a video file, a frames folder, or a video file's bytes) with `prompts` (the
@@ -323,25 +384,13 @@ class Client:
         """Yield `job`'s messages until its `done` or `error` (included); other jobs' messages are
         kept for `poll()`. Raises BackendTimeout after `timeout` seconds without a message for it."""
         timeout = self.timeout if timeout is None else timeout
-        skipped: list[protocol.Message] = []
-        last = time.monotonic()
-        try:
-            while True:
-                message = self.poll(_POLL_SLICE_S)
-                if message is None:
-                    if time.monotonic() - last > timeout:
-                        raise BackendTimeout(f"no event for job {job} within {timeout:g} s")
-                    continue
-                if message.get("job") != job:
-                    skipped.append(message)
-                    continue
-                last = time.monotonic()
-                yield message
-                if message.type in protocol.FINAL_TYPES:
-                    return
-        finally:
-            with self._lock:
-                self._pending.extend(skipped)
+        while True:
+            message = self._take(lambda m: m.get("job") == job and self._not_awaited(m), timeout)
+            if message is None:
+                raise BackendTimeout(f"no event for job {job} within {timeout:g} s")
+            yield message
+            if message.type in protocol.FINAL_TYPES:
+                return
 
 
 # The reply types that answer each request (besides `error`).

@@ -188,6 +188,7 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "frame": _f("int", True),
         "frame_index": _f("int", True, nullable=True),
         "path": _f("str"),
+        "color": _f("list", doc="the object's RGB, 0..1, as in the manifest"),
     },
     "tracked_mesh": {
         "job": _f("str", True),
@@ -196,6 +197,7 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "frames": _f("list", True),
         "fallback_frames": _f("list"),
         "path": _f("str"),
+        "color": _f("list"),
     },
     "warning": {
         "job": _f("str", True),
@@ -273,8 +275,7 @@ class Message:
     def __repr__(self) -> str:
         arrays = {k: f"{a.dtype}{list(a.shape)}" for k, a in self.arrays.items()}
         files = {k: len(memoryview(b)) for k, b in self.files.items()}
-        return (f"Message({self.type!r}, id={self.id!r}, fields={self.fields!r}, arrays={arrays}, "
-                f"files={files})")
+        return f"Message({self.type!r}, id={self.id!r}, fields={self.fields!r}, arrays={arrays}, files={files})"
 
 
 def _to_plain(obj: Any) -> Any:
@@ -326,14 +327,25 @@ def encode(message: Message) -> list[Any]:
     return [msgpack.packb(header, use_bin_type=True, default=_to_plain), *blobs]
 
 
-def make(type_: str, id_: Any = None, arrays: Mapping[str, Any] | None = None,
-         files: Mapping[str, Any] | None = None, **fields: Any) -> Message:
+def make(
+    type_: str,
+    id_: Any = None,
+    arrays: Mapping[str, Any] | None = None,
+    files: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> Message:
     """A message from keyword fields: `make("cancel", 7, job="j-1")`."""
     return Message(type_, id_, dict(fields), dict(arrays or {}), dict(files or {}))
 
 
-def error(code: str, message: str, id_: Any = None, job: str | None = None, advice: str | None = None,
-          request: str | None = None) -> Message:
+def error(
+    code: str,
+    message: str,
+    id_: Any = None,
+    job: str | None = None,
+    advice: str | None = None,
+    request: str | None = None,
+) -> Message:
     """An `error` message; `request` names the request type that failed, when known."""
     return make("error", id_, code=code, message=message, job=job, advice=advice, request=request)
 
@@ -397,8 +409,7 @@ def _peek_id_and_type(raw: memoryview) -> tuple[Any, str | None]:
 def _unpack_header(raw: memoryview, limits: Limits) -> dict[str, Any]:
     if len(raw) > limits.max_header_bytes:
         rid, rtype = _peek_id_and_type(raw)
-        raise ProtocolError("too_large", f"the header is {len(raw)} bytes; limit {limits.max_header_bytes}",
-                            rid, rtype)
+        raise ProtocolError("too_large", f"the header is {len(raw)} bytes; limit {limits.max_header_bytes}", rid, rtype)
     if len(raw) == 0:
         raise ProtocolError("bad_message", "the header frame is empty")
 
@@ -503,32 +514,41 @@ def decode(frames: Sequence[Any], limits: Limits | None = None, direction: str |
         raise ProtocolError("bad_message", "the header needs an integer `v` (protocol version)", rid, rtype)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unsupported_version", f"protocol version {version} is not supported; this side speaks "
-            f"{PROTOCOL_VERSION}", rid, rtype)
+            "unsupported_version",
+            f"protocol version {version} is not supported; this side speaks {PROTOCOL_VERSION}",
+            rid,
+            rtype,
+        )
     if rtype is None:
         raise ProtocolError("bad_message", f"the header needs a string `type` (<= {MAX_TYPE_LEN} chars)", rid)
     if header.get("id") is not None and rid is None:
-        raise ProtocolError("bad_message", f"`id` must be an int or a string of at most {MAX_ID_LEN} chars",
-                            None, rtype)
+        raise ProtocolError(
+            "bad_message", f"`id` must be an int or a string of at most {MAX_ID_LEN} chars", None, rtype
+        )
     array_specs, file_specs = _parse_blob_specs(header, limits, rid, rtype)
     blobs = frames[1:]
     if len(blobs) != len(array_specs) + len(file_specs):
         raise ProtocolError(
-            "bad_message", f"the header declares {len(array_specs)} arrays and {len(file_specs)} files but "
-            f"{len(blobs)} blobs follow", rid, rtype)
+            "bad_message",
+            f"the header declares {len(array_specs)} arrays and {len(file_specs)} files but {len(blobs)} blobs follow",
+            rid,
+            rtype,
+        )
     arrays: dict[str, np.ndarray] = {}
     files: dict[str, memoryview] = {}
     for (name, dtype, shape, nbytes), blob in zip(array_specs, blobs):
         view = _bytes_of(blob)
         if len(view) != nbytes:
             raise ProtocolError(
-                "bad_message", f"array {name!r} declares {nbytes} bytes, its blob {len(view)}", rid, rtype)
+                "bad_message", f"array {name!r} declares {nbytes} bytes, its blob {len(view)}", rid, rtype
+            )
         arrays[name] = np.frombuffer(view, dtype=np.dtype(WIRE_DTYPES[dtype])).reshape(shape)
-    for (name, size), blob in zip(file_specs, blobs[len(array_specs):]):
+    for (name, size), blob in zip(file_specs, blobs[len(array_specs) :]):
         view = _bytes_of(blob)
         if len(view) != size:
             raise ProtocolError(
-                "bad_message", f"file {name!r} declares {size} bytes, its blob has {len(view)}", rid, rtype)
+                "bad_message", f"file {name!r} declares {size} bytes, its blob has {len(view)}", rid, rtype
+            )
         files[name] = view
     fields = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
     message = Message(rtype, rid, fields, arrays, files, version)
@@ -571,39 +591,48 @@ def validate(message: Message, direction: str) -> None:
     schema = schemas.get(message.type)
     if schema is None:
         raise ProtocolError(
-            "unknown_type", f"unknown message type {message.type!r:.64}; known: {', '.join(schemas)}",
-            message.id, None)
+            "unknown_type", f"unknown message type {message.type!r:.64}; known: {', '.join(schemas)}", message.id, None
+        )
     for name, spec in schema.items():
         if name not in message.fields:
             if spec.required:
-                raise ProtocolError("bad_field", f"{message.type!r} needs the field {name!r}",
-                                    message.id, message.type)
+                raise ProtocolError("bad_field", f"{message.type!r} needs the field {name!r}", message.id, message.type)
             continue
         value = message.fields[name]
         if value is None:
             if spec.nullable or not spec.required:
                 continue
-            raise ProtocolError("bad_field", f"field {name!r} of {message.type!r} may not be null",
-                                message.id, message.type)
+            raise ProtocolError(
+                "bad_field", f"field {name!r} of {message.type!r} may not be null", message.id, message.type
+            )
         if not _kind_ok(value, spec.kind):
             raise ProtocolError(
-                "bad_field", f"field {name!r} of {message.type!r} must be a {spec.kind}, got "
-                f"{type(value).__name__}", message.id, message.type)
+                "bad_field",
+                f"field {name!r} of {message.type!r} must be a {spec.kind}, got {type(value).__name__}",
+                message.id,
+                message.type,
+            )
     if direction == "reply":
         for name, aspec in REPLY_ARRAYS.get(message.type, {}).items():
             arr = message.arrays.get(name)
             if arr is None:
                 if aspec.required:
-                    raise ProtocolError("bad_field", f"{message.type!r} needs the array {name!r}", message.id,
-                                        message.type)
+                    raise ProtocolError(
+                        "bad_field", f"{message.type!r} needs the array {name!r}", message.id, message.type
+                    )
                 continue
             shape_ok = arr.ndim == len(aspec.shape) and all(
-                want is None or want == got for want, got in zip(aspec.shape, arr.shape))
+                want is None or want == got for want, got in zip(aspec.shape, arr.shape)
+            )
             if arr.dtype.name != aspec.dtype or not shape_ok:
                 want = "x".join("N" if n is None else str(n) for n in aspec.shape)
                 raise ProtocolError(
-                    "bad_field", f"array {name!r} of {message.type!r} must be {aspec.dtype} ({want}), got "
-                    f"{arr.dtype.name} {tuple(arr.shape)}", message.id, message.type)
+                    "bad_field",
+                    f"array {name!r} of {message.type!r} must be {aspec.dtype} ({want}), got "
+                    f"{arr.dtype.name} {tuple(arr.shape)}",
+                    message.id,
+                    message.type,
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +648,7 @@ def is_loopback_address(address: str) -> bool:
         return True
     if not address.startswith("tcp://"):
         return False
-    host_port = address[len("tcp://"):]
+    host_port = address[len("tcp://") :]
     if ";" in host_port:  # "source;destination" form: judge the destination
         host_port = host_port.split(";", 1)[1]
     if host_port.startswith("["):
@@ -632,4 +661,3 @@ def is_loopback_address(address: str) -> bool:
 def safe_file_name(name: str) -> bool:
     """True if `name` may be used as a path inside a job folder (no '..', no absolute, 1-2 parts)."""
     return bool(SAFE_FILE_NAME.match(name)) and ".." not in name.split("/")
-

@@ -32,11 +32,10 @@ from backend import protocol
 from backend.store import JobStore, StoreError, plain
 from backend.worker import Pipeline, Worker, check_params, device_memory
 from com4d.errors import COM4DError
+from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, probe_video
 
 log = logging.getLogger("com4d.backend.server")
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_FOLDERS = ("frames", "frames_no_bg", "masks")
 
 
@@ -75,8 +74,12 @@ class ServerConfig:
     def limits(self) -> protocol.Limits:
         """The decoder's limits for requests (clients send no arrays of their own, only files)."""
         return protocol.Limits(
-            max_header_bytes=self.max_header_bytes, max_blobs=self.max_files, max_array_bytes=16 << 20,
-            max_file_bytes=self.max_video_bytes, max_message_bytes=self.max_upload_bytes)
+            max_header_bytes=self.max_header_bytes,
+            max_blobs=self.max_files,
+            max_array_bytes=16 << 20,
+            max_file_bytes=self.max_video_bytes,
+            max_message_bytes=self.max_upload_bytes,
+        )
 
     @property
     def loopback(self) -> bool:
@@ -90,11 +93,13 @@ def check_security(cfg: ServerConfig) -> None:
     if cfg.server_keys is None:
         raise SecurityError(
             f"refusing to bind {cfg.bind}: a non-loopback address needs CurveZMQ keys. Make them with "
-            "`com4d-backend keys DIR` and start with `--keys DIR`, or bind tcp://127.0.0.1:PORT.")
+            "`com4d-backend keys DIR` and start with `--keys DIR`, or bind tcp://127.0.0.1:PORT."
+        )
     if cfg.authorized_clients is None and not cfg.allow_any_client:
         raise SecurityError(
             f"refusing to bind {cfg.bind}: say which clients may connect, with `--clients DIR` (their "
-            "public keys; `com4d-backend keys` makes one) or `--allow-any-client`.")
+            "public keys; `com4d-backend keys` makes one) or `--allow-any-client`."
+        )
 
 
 @dataclass
@@ -110,8 +115,9 @@ class Server:
         self.pipeline = pipeline
         self.store = store
         self.config = config or ServerConfig()
-        self.worker = Worker(pipeline, store, self._post, memory_budget=self.config.memory_budget,
-                             device=self.config.device)
+        self.worker = Worker(
+            pipeline, store, self._post, memory_budget=self.config.memory_budget, device=self.config.device
+        )
         self.address: str | None = None
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
@@ -124,8 +130,12 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[str, Callable[[bytes, protocol.Message], None]] = {
-            "hello": self._on_hello, "ping": self._on_ping, "submit": self._on_submit,
-            "cancel": self._on_cancel, "status": self._on_status, "list_jobs": self._on_list_jobs,
+            "hello": self._on_hello,
+            "ping": self._on_ping,
+            "submit": self._on_submit,
+            "cancel": self._on_cancel,
+            "status": self._on_status,
+            "list_jobs": self._on_list_jobs,
             "fetch": self._on_fetch,
         }
 
@@ -305,14 +315,22 @@ class Server:
         except Rejected as exc:
             assert message is not None
             job = message.get("job") if isinstance(message.get("job"), str) else None
-            self._send(identity, protocol.error(exc.code, str(exc), message.id, job=job, advice=exc.advice,
-                                                request=message.type))
+            self._send(
+                identity,
+                protocol.error(exc.code, str(exc), message.id, job=job, advice=exc.advice, request=message.type),
+            )
         except Exception as exc:  # a bug must not end the service: answer, log, carry on
             log.exception("error while handling a %s request", message.type if message else "(bad)")
             rid = message.id if message else None
-            self._send(identity, protocol.error("internal", f"the server failed on this request: "
-                                                f"{type(exc).__name__}: {exc}", rid,
-                                                request=message.type if message else None))
+            self._send(
+                identity,
+                protocol.error(
+                    "internal",
+                    f"the server failed on this request: {type(exc).__name__}: {exc}",
+                    rid,
+                    request=message.type if message else None,
+                ),
+            )
 
     # -- small requests ------------------------------------------------------------------------------
 
@@ -320,19 +338,43 @@ class Server:
         free, total = device_memory(self.config.device)
         cfg = self.config
         limits = cfg.limits.to_dict()
-        limits.update(max_video_bytes=cfg.max_video_bytes, max_objects=cfg.max_objects,
-                      max_frames=cfg.max_frames, max_queue=cfg.max_queue)
-        self._send(identity, protocol.make(
-            "hello", msg.id, protocol=protocol.PROTOCOL_VERSION, server=f"com4d-backend {com4d.__version__}",
-            model=plain(self.pipeline.describe()), device=cfg.device, gpu_free_bytes=free,
-            gpu_total_bytes=total, queue=self.worker.snapshot(), limits=limits, paths_allowed=cfg.loopback))
+        limits.update(
+            max_video_bytes=cfg.max_video_bytes,
+            max_objects=cfg.max_objects,
+            max_frames=cfg.max_frames,
+            max_queue=cfg.max_queue,
+        )
+        self._send(
+            identity,
+            protocol.make(
+                "hello",
+                msg.id,
+                protocol=protocol.PROTOCOL_VERSION,
+                server=f"com4d-backend {com4d.__version__}",
+                model=plain(self.pipeline.describe()),
+                device=cfg.device,
+                gpu_free_bytes=free,
+                gpu_total_bytes=total,
+                queue=self.worker.snapshot(),
+                limits=limits,
+                paths_allowed=cfg.loopback,
+            ),
+        )
 
     def _on_ping(self, identity: bytes, msg: protocol.Message) -> None:
         snap = self.worker.snapshot()
         free, _ = device_memory(self.config.device)
-        self._send(identity, protocol.make(
-            "pong", msg.id, busy=snap["running"] is not None, job=snap["running"], queued=len(snap["queued"]),
-            gpu_free_bytes=free))
+        self._send(
+            identity,
+            protocol.make(
+                "pong",
+                msg.id,
+                busy=snap["running"] is not None,
+                job=snap["running"],
+                queued=len(snap["queued"]),
+                gpu_free_bytes=free,
+            ),
+        )
 
     def _record(self, job: Any):
         record = self.store.get(job)
@@ -374,11 +416,15 @@ class Server:
         record = self.store.get(job)
         if not finished and record.state in protocol.FINAL_STATES:  # a log cut short: say how it ended
             err = record.error or {"code": record.state, "message": f"the job is {record.state}"}
-            final = (protocol.make("done", msg.id, job=job, scene=record.scene or "scene.json",
-                                   out_dir=str(self.store.out_dir(job)))
-                     if record.state == "done" else
-                     protocol.error(err.get("code", "internal"), err.get("message", ""), msg.id, job=job,
-                                    advice=err.get("advice")))
+            final = (
+                protocol.make(
+                    "done", msg.id, job=job, scene=record.scene or "scene.json", out_dir=str(self.store.out_dir(job))
+                )
+                if record.state == "done"
+                else protocol.error(
+                    err.get("code", "internal"), err.get("message", ""), msg.id, job=job, advice=err.get("advice")
+                )
+            )
             self._send(identity, final)
         elif not finished and msg.get("follow", True) is not False:
             after = max((s for s, _ in events), default=0)
@@ -435,8 +481,11 @@ class Server:
             raise Rejected("bad_field", "`prompts` go with a video; a masks folder already holds the masks")
         for name in msg.files:
             if not protocol.safe_file_name(name):
-                raise Rejected("bad_field", f"file name {name!r:.80} is not allowed (use e.g. 'video', "
-                                            "'video/000000.png', 'masks/000000_object_000.png')")
+                raise Rejected(
+                    "bad_field",
+                    f"file name {name!r:.80} is not allowed (use e.g. 'video', "
+                    "'video/000000.png', 'masks/000000_object_000.png')",
+                )
         request: dict[str, Any] = {"video": None, "masks": None, "prompts": None}
         if video is not None:
             request["video"] = self._check_video(video, msg.files)
@@ -448,8 +497,10 @@ class Server:
 
     def _check_path(self, given: Any, what: str) -> Path:
         if not self.config.loopback:
-            raise Rejected("forbidden", "this server is not on a loopback address, so it takes no file "
-                                        f"paths; upload the {what} instead")
+            raise Rejected(
+                "forbidden",
+                f"this server is not on a loopback address, so it takes no file paths; upload the {what} instead",
+            )
         if not isinstance(given, str) or not given or "\0" in given:
             raise Rejected("bad_field", f"the {what} path must be a non-empty string")
         path = Path(given)
@@ -459,8 +510,11 @@ class Server:
 
     def _check_video(self, video: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
         if ("path" in video) == ("filename" in video):
-            raise Rejected("bad_field", "`video` needs exactly one of `path` (same machine) or `filename` "
-                                        "(with the file uploaded as blob 'video' or frames as 'video/NAME')")
+            raise Rejected(
+                "bad_field",
+                "`video` needs exactly one of `path` (same machine) or `filename` "
+                "(with the file uploaded as blob 'video' or frames as 'video/NAME')",
+            )
         foreign = [n for n in files if n != "video" and not n.startswith("video/")]
         if foreign:
             raise Rejected("bad_field", f"unexpected files {foreign[:3]} for a video submit")
@@ -479,8 +533,9 @@ class Server:
         if "video" in files:
             suffix = Path(filename).suffix.lower()
             if suffix not in VIDEO_SUFFIXES:
-                raise Rejected("bad_input", f"video {filename!r:.80} has an unknown type; use one of "
-                                            f"{', '.join(VIDEO_SUFFIXES)}")
+                raise Rejected(
+                    "bad_input", f"video {filename!r:.80} has an unknown type; use one of {', '.join(VIDEO_SUFFIXES)}"
+                )
             return {"stored": f"inputs/video{suffix}"}
         if not frames:
             raise Rejected("bad_field", "`video.filename` needs a blob 'video' or frames 'video/NAME'")
@@ -491,14 +546,13 @@ class Server:
 
     def _readable_clip(self, path: Path) -> int:
         """The frame count of a readable video file or frames folder at `path` (Rejected if not)."""
-        from com4d.video import probe_video
-
         if path.is_file():
             if path.suffix.lower() not in VIDEO_SUFFIXES:
                 raise Rejected("bad_input", f"{path} is not a video file ({', '.join(VIDEO_SUFFIXES)})")
             if path.stat().st_size > self.config.max_video_bytes:
-                raise Rejected("too_large", f"{path} is {path.stat().st_size} bytes; the limit is "
-                                            f"{self.config.max_video_bytes}")
+                raise Rejected(
+                    "too_large", f"{path} is {path.stat().st_size} bytes; the limit is {self.config.max_video_bytes}"
+                )
         elif not path.is_dir():
             raise Rejected("bad_input", f"no readable video file or frames folder at {path}")
         if not os.access(path, os.R_OK):
@@ -525,12 +579,17 @@ class Server:
         allowed = tuple(f"{d}/" for d in MASK_FOLDERS)
         foreign = [n for n in files if n != "objects.json" and not n.startswith(allowed)]
         if foreign:
-            raise Rejected("bad_field", f"unexpected files {foreign[:3]} for a masks submit (allowed: "
-                                        "frames/, frames_no_bg/, masks/, objects.json)")
+            raise Rejected(
+                "bad_field",
+                f"unexpected files {foreign[:3]} for a masks submit (allowed: "
+                "frames/, frames_no_bg/, masks/, objects.json)",
+            )
         frames = [n for n in files if n.startswith("frames/")]
         if not frames or not any(n.startswith("masks/") for n in files):
-            raise Rejected("bad_input", "a masks upload needs frames ('frames/NNNNNN.png') and masks "
-                                        "('masks/NNNNNN_object_XXX.png')")
+            raise Rejected(
+                "bad_input",
+                "a masks upload needs frames ('frames/NNNNNN.png') and masks ('masks/NNNNNN_object_XXX.png')",
+            )
         self._check_objects_in_masks(list(files))
         return {"stored": "inputs/masks", "frames": len(frames)}
 
@@ -544,8 +603,9 @@ class Server:
 
         objects = prompts.get("objects")
         if isinstance(objects, list) and len(objects) > self.config.max_objects:
-            raise Rejected("too_large", f"{len(objects)} objects in the prompts; the limit is "
-                                        f"{self.config.max_objects}")
+            raise Rejected(
+                "too_large", f"{len(objects)} objects in the prompts; the limit is {self.config.max_objects}"
+            )
         try:
             parse_prompts(prompts)
         except COM4DError as exc:
@@ -568,10 +628,13 @@ class Server:
         """Reject a job whose selected frames exceed the limit, before any frame is decoded."""
         # The pipeline selects frames[frame_start:frame_end:frame_stride].
         start, end = getattr(params, "frame_start", 0), getattr(params, "frame_end", None)
-        selected = len(range(available)[start:end:getattr(params, "frame_stride", 1)])
+        selected = len(range(available)[start : end : getattr(params, "frame_stride", 1)])
         if selected > self.config.max_frames:
-            raise Rejected("too_large", f"{selected} frames selected; the limit is {self.config.max_frames}",
-                           "Use a shorter frame range (frame_start/frame_end) or a larger frame_stride.")
+            raise Rejected(
+                "too_large",
+                f"{selected} frames selected; the limit is {self.config.max_frames}",
+                "Use a shorter frame range (frame_start/frame_end) or a larger frame_stride.",
+            )
 
     def _write_inputs(self, job: str, msg: protocol.Message, request: dict[str, Any]) -> None:
         try:
@@ -595,4 +658,3 @@ class Server:
             count = self._readable_clip(self.store.job_path(job, video["stored"]))
             video["frames"] = count
             self._checked_params(request.get("params") or {}, request)
-

@@ -69,9 +69,15 @@ class JobRecord:
     def status_fields(self) -> dict[str, Any]:
         """The fields of a `job_status` message (and of each entry of `jobs`)."""
         return {
-            "job": self.job, "state": self.state, "label": self.label, "created": self.created,
-            "started": self.started, "finished": self.finished, "progress": self.progress,
-            "error": self.error, "scene": self.scene,
+            "job": self.job,
+            "state": self.state,
+            "label": self.label,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "progress": self.progress,
+            "error": self.error,
+            "scene": self.scene,
         }
 
 
@@ -172,13 +178,18 @@ class JobStore:
         with self._lock:
             for record in list(self._records.values()):
                 if record.state in ("queued", "running"):
-                    self.fail(record.job, "interrupted", "interrupted",
-                              "the server stopped before this job finished; resubmit it")
+                    self.fail(
+                        record.job,
+                        "interrupted",
+                        "interrupted",
+                        "the server stopped before this job finished; resubmit it",
+                    )
                     interrupted.append(record.job)
         return interrupted
 
-    def fail(self, job: str, state: str, code: str, message: str, advice: str | None = None
-             ) -> tuple[int, protocol.Message]:
+    def fail(
+        self, job: str, state: str, code: str, message: str, advice: str | None = None
+    ) -> tuple[int, protocol.Message]:
         """Put a job in a final state other than `done` and log its last event, an `error`.
 
         Returns the sequence number and the message (for the server to send to subscribers)."""
@@ -249,8 +260,13 @@ class JobStore:
                 relative = f"stream/{seq:06d}_{name}.npy"
                 np.save(self.job_path(job, relative), protocol.wire_array(array, name), allow_pickle=False)
                 arrays[name] = relative
-            line = {"seq": seq, "t": time.time(), "type": message.type, "fields": plain(message.fields),
-                    "arrays": arrays}
+            line = {
+                "seq": seq,
+                "t": time.time(),
+                "type": message.type,
+                "fields": plain(message.fields),
+                "arrays": arrays,
+            }
             with open(self.job_dir(job) / "events.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(line) + "\n")
             self._seq[job] = seq
@@ -275,8 +291,10 @@ class JobStore:
             try:
                 entry = json.loads(raw)
                 seq, type_, fields = int(entry["seq"]), str(entry["type"]), dict(entry["fields"])
-                arrays = {name: np.load(self.job_path(job, rel), mmap_mode="r", allow_pickle=False)
-                          for name, rel in dict(entry.get("arrays", {})).items()}
+                arrays = {
+                    name: np.load(self.job_path(job, rel), mmap_mode="r", allow_pickle=False)
+                    for name, rel in dict(entry.get("arrays", {})).items()
+                }
             except (ValueError, KeyError, TypeError, OSError, StoreError):
                 continue
             if type_.startswith("_") and not markers:

@@ -39,8 +39,9 @@ Publish = Callable[[str, int, protocol.Message], None]
 class Pipeline(Protocol):
     """What the worker needs of a pipeline."""
 
-    def reconstruct(self, request: Any, params: Any, out_dir: Path, on_event: Callable[[Any], None],
-                    cancel: CancelToken) -> Any: ...
+    def reconstruct(
+        self, request: Any, params: Any, out_dir: Path, on_event: Callable[[Any], None], cancel: CancelToken
+    ) -> Any: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -100,8 +101,15 @@ def event_message(job: str, event: Any) -> protocol.Message | None:
 class Worker:
     """Runs jobs from a queue on one thread. `enqueue`, `cancel`, `snapshot` are thread-safe."""
 
-    def __init__(self, pipeline: Pipeline, store: JobStore, publish: Publish, *,
-                 memory_budget: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: JobStore,
+        publish: Publish,
+        *,
+        memory_budget: int | None = None,
+        device: str = "cpu",
+    ):
         self.pipeline = pipeline
         self.store = store
         self.publish = publish
@@ -161,8 +169,11 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         """The queue as `hello` reports it."""
         with self._cond:
-            return {"running": self._running[0] if self._running else None, "queued": list(self._queue),
-                    "length": len(self._queue) + (self._running is not None)}
+            return {
+                "running": self._running[0] if self._running else None,
+                "queued": list(self._queue),
+                "length": len(self._queue) + (self._running is not None),
+            }
 
     def position(self, job: str) -> int | None:
         with self._cond:
@@ -234,8 +245,9 @@ class Worker:
             return self._fail_with(job, exc)
         scene = scene_path[-1] if scene_path else str(getattr(result, "scene_path", "scene.json"))
         scene = _relative_to(scene, out_dir)
-        done = protocol.make("done", job=job, scene=scene, out_dir=str(out_dir),
-                             manifest=_read_manifest(out_dir / scene))
+        done = protocol.make(
+            "done", job=job, scene=scene, out_dir=str(out_dir), manifest=_read_manifest(out_dir / scene)
+        )
         self.store.update(job, scene=scene)
         seq = self.store.append_event(job, done)
         self.store.update(job, state="done", finished=time.time(), progress=self.store.get(job).progress)

@@ -60,8 +60,16 @@ class ProgressPipeline:
 
     def reconstruct(self, request, params, out_dir, on_event, cancel):
         for i in range(self.events):
-            on_event(Progress(stage="stage_a", step=i + 1, steps=self.events, done=i + 1, total=self.events,
-                              message=str(time.perf_counter_ns())))
+            on_event(
+                Progress(
+                    stage="stage_a",
+                    step=i + 1,
+                    steps=self.events,
+                    done=i + 1,
+                    total=self.events,
+                    message=str(time.perf_counter_ns()),
+                )
+            )
             time.sleep(self.interval_s)
         (Path(out_dir) / "scene.json").write_text('{"status": "complete"}')
 
@@ -73,15 +81,32 @@ class ProgressPipeline:
 
 def synthetic_meshes(count: int, vertices: int) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return [(rng.standard_normal((vertices, 3)).astype(np.float32),
-             rng.integers(0, vertices, (2 * vertices, 3)).astype(np.int32)) for _ in range(count)]
+    return [
+        (
+            rng.standard_normal((vertices, 3)).astype(np.float32),
+            rng.integers(0, vertices, (2 * vertices, 3)).astype(np.int32),
+        )
+        for _ in range(count)
+    ]
 
 
 def stored_job(store: JobStore, meshes: list[tuple[np.ndarray, np.ndarray]]) -> str:
     job = store.new_job("bench").job
     for i, (v, f) in enumerate(meshes):
-        store.append_event(job, protocol.make("mesh", arrays={"vertices": v, "faces": f}, job=job, name="obj",
-                                              role="dynamic", object_index=0, frame=i, frame_index=i, path=""))
+        store.append_event(
+            job,
+            protocol.make(
+                "mesh",
+                arrays={"vertices": v, "faces": f},
+                job=job,
+                name="obj",
+                role="dynamic",
+                object_index=0,
+                frame=i,
+                frame_index=i,
+                path="",
+            ),
+        )
     store.append_event(job, protocol.make("done", job=job, scene="scene.json"))
     store.update(job, state="done", scene="scene.json")
     return job
@@ -138,8 +163,9 @@ def masks_folder(root: Path) -> Path:
 
 
 def bench_progress(events: int, interval_s: float, tmp: Path) -> list[float]:
-    server = Server(ProgressPipeline(events, interval_s), JobStore(tmp / "latency"),
-                    ServerConfig(bind="tcp://127.0.0.1:*"))
+    server = Server(
+        ProgressPipeline(events, interval_s), JobStore(tmp / "latency"), ServerConfig(bind="tcp://127.0.0.1:*")
+    )
     address = server.start()
     latencies = []
     try:
@@ -182,8 +208,11 @@ def bench_raw_latency(events: int, interval_s: float) -> list[float]:
 
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"median": statistics.median(ordered), "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-            "max": ordered[-1]}
+    return {
+        "median": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
 def main() -> None:

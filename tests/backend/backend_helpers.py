@@ -28,9 +28,19 @@ TINY_MASKS = FIXTURES / "parity" / "cases" / "pipeline_tiny_inputs"  # frames/ +
 # A job of the tiny model that takes a few seconds on two CPU cores: 3 frames, 2 denoising steps per
 # stage, a coarse meshing grid, small conditioning images, no preview.
 FAST_PARAMS = {
-    "num_tokens": 16, "scene_steps": 2, "dynamic_steps": 2, "scene_mix_cutoff": 2, "frame_stride": 1,
-    "frame_end": 3, "dynamic_ar_block_size": 2, "dynamic_max_memory_frames": 2, "mesh_dense_depth": 3,
-    "mesh_final_depth": 4, "image_size": 56, "preview": False, "combined_frames": False,
+    "num_tokens": 16,
+    "scene_steps": 2,
+    "dynamic_steps": 2,
+    "scene_mix_cutoff": 2,
+    "frame_stride": 1,
+    "frame_end": 3,
+    "dynamic_ar_block_size": 2,
+    "dynamic_max_memory_frames": 2,
+    "mesh_dense_depth": 3,
+    "mesh_final_depth": 4,
+    "image_size": 56,
+    "preview": False,
+    "combined_frames": False,
 }
 # The same job with many denoising steps, to have time to cancel it or to kill the server.
 SLOW_PARAMS = {**FAST_PARAMS, "scene_steps": 400, "scene_mix_cutoff": 400}
@@ -63,8 +73,21 @@ def collect_job(client: Client, job: str, timeout: float = 120.0) -> list:
 
 def run_cli_server(store: Path, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """`python -m backend.cli serve` as a subprocess on a free loopback port; returns it and its address."""
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--weights", str(weights_dir()), "--store", str(store),
-           "--device", "cpu", "--bind", "tcp://127.0.0.1:*", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "serve",
+        "--weights",
+        str(weights_dir()),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,3 +112,20 @@ def raw_request(address: str, frames: list[Any], timeout: float = 5.0) -> protoc
         return protocol.decode(sock.recv_multipart(), direction="reply")
     finally:
         sock.close()
+
+
+def write_mp4(frames_dir: Path, path: Path, fps: int = 24) -> Path:
+    """An H.264 mp4 of a folder's png frames (PyAV)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.glob("*.png"))]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = images[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for image in images:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path

@@ -81,13 +81,17 @@ def test_an_uploaded_masks_folder_gives_the_same_meshes_as_its_path(client, tiny
 def test_an_uploaded_frames_folder_with_prompts_reaches_the_pipeline(client, tiny_masks, server):
     """Without a SAM checkpoint the pipeline refuses prompts; that refusal must come back as the job's
     error, after the frames were uploaded into the job's own inputs."""
-    prompts = {"version": 1, "objects": [{"name": "ball", "role": "dynamic",
-                                          "prompts": [{"frame": 0, "points": [[32, 32, 1]]}]}]}
+    prompts = {
+        "version": 1,
+        "objects": [{"name": "ball", "role": "dynamic", "prompts": [{"frame": 0, "points": [[32, 32, 1]]}]}],
+    }
     job = client.submit(video=tiny_masks / "frames", prompts=prompts, params=FAST_PARAMS, same_machine=False)
     last = collect_job(client, job)[-1]
     assert (last.type, last["code"]) == ("error", "bad_parameter") and "SAM" in last["message"]
     inputs = server.store.inputs_dir(job)
-    assert sorted(p.name for p in (inputs / "video").iterdir()) == sorted(p.name for p in (tiny_masks / "frames").iterdir())
+    assert sorted(p.name for p in (inputs / "video").iterdir()) == sorted(
+        p.name for p in (tiny_masks / "frames").iterdir()
+    )
     assert json.loads((inputs / "prompts.json").read_text()) == prompts
     assert client.status(job)["state"] == "failed"
 
@@ -138,7 +142,7 @@ def test_cancel_stops_a_running_job_within_one_denoising_step(server, client, ti
     log = [m for _, m in server.store.read_events(job, markers=True)]
     marker = [i for i, m in enumerate(log) if m.type == "_cancel_requested"]
     assert len(marker) == 1
-    steps_after = [m for m in log[marker[0]:] if m.type == "progress" and m["stage"] in STEP_STAGES]
+    steps_after = [m for m in log[marker[0] :] if m.type == "progress" and m["stage"] in STEP_STAGES]
     assert len(steps_after) <= 1  # at most the step that was running when the cancel came
     status = client.status(job)
     assert status["state"] == "cancelled" and status["error"]["code"] == "cancelled"
@@ -201,3 +205,62 @@ def test_fetch_without_follow_returns_what_exists_and_stops(server, client, tiny
         assert [m.type for m in got[1:]] == ["progress"]
     client.cancel(job)
     collect_job(client, job, timeout=30)
+
+
+def test_one_client_shared_by_two_threads_loses_and_reorders_nothing(client, tiny_masks):
+    """The add-on reads events on a background thread while its UI thread asks for status."""
+    job = client.submit(masks=tiny_masks, params={**FAST_PARAMS, "scene_steps": 60, "scene_mix_cutoff": 60})
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(collect_job(client, job)))
+    reader.start()
+    statuses = []
+    while reader.is_alive() and len(statuses) < 200:
+        statuses.append(client.status(job)["state"])  # replies must not be taken by the reader
+    reader.join(60)
+    assert statuses and set(statuses) <= {"queued", "running", "done"}
+    assert events[-1].type == "done" and all(m.type != "job_status" for m in events)
+    seqs = [m["done"] for m in events if m.type == "progress"]
+    assert seqs == sorted(seqs)
+    steps = [m["step"] for m in events if m.type == "progress" and m["stage"] == "stage_a"]
+    assert steps == list(range(1, 61))  # every denoising step of stage A, once, in order
+
+
+def test_tracked_topology_streams_one_tracked_mesh_after_the_objects_frames(client, tiny_masks):
+    params = {**FAST_PARAMS, "topology": "tracked", "mesh_dense_depth": 4, "mesh_final_depth": 5}
+    job = client.submit(masks=tiny_masks, params=params)
+    events = collect_job(client, job)
+    assert events[-1].type == "done"
+    tracked = [m for m in events if m.type == "tracked_mesh"]
+    assert len(tracked) == 1 and tracked[0]["name"] == "object_000"
+    t = tracked[0]
+    assert t.arrays["vertices"].dtype == np.float32 and t.arrays["faces"].dtype == np.int32
+    assert t.arrays["vertices"].shape[0] == len(t["frames"]) == 3 and t.arrays["vertices"].shape[2] == 3
+    assert set(t["fallback_frames"]) <= set(t["frames"])
+    last_frame_mesh = max(i for i, m in enumerate(events) if m.type == "mesh" and m["name"] == "object_000")
+    assert events.index(t) > last_frame_mesh
+    client.fetch(job)
+    replayed = [m for m in collect_job(client, job) if m.type == "tracked_mesh"]
+    np.testing.assert_array_equal(replayed[0].arrays["vertices"], t.arrays["vertices"])
+
+
+def test_an_uploaded_video_file_is_probed_stored_in_the_job_and_handed_to_the_pipeline(
+    client, tiny_masks, server, tmp_path
+):
+    from backend_helpers import write_mp4
+
+    video = write_mp4(tiny_masks / "frames", tmp_path / "clip.mp4").read_bytes()
+    prompts = {
+        "version": 1,
+        "objects": [{"name": "ball", "role": "dynamic", "prompts": [{"frame": 0, "points": [[32, 32, 1]]}]}],
+    }
+    job = client.submit(video=video, video_filename="clip.mp4", prompts=prompts, params=FAST_PARAMS)
+    last = collect_job(client, job)[-1]
+    assert (last["code"], "SAM" in last["message"]) == ("bad_parameter", True)  # no SAM on this server
+    assert (server.store.inputs_dir(job) / "video.mp4").read_bytes() == video
+    assert server.store.get(job).request["video"] == {"stored": "inputs/video.mp4", "frames": 5}
+
+    with pytest.raises(BackendError) as info:  # bytes that are no video are refused at submit
+        client.submit(video=b"\x00" * 5000, video_filename="clip.mp4", prompts=prompts, params=FAST_PARAMS)
+    assert info.value.code == "bad_input"
+    assert [j["job"] for j in client.list_jobs()] == [job]
+    assert sorted(p.name for p in (server.store.root / "jobs").iterdir()) == [job]

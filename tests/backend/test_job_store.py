@@ -13,8 +13,17 @@ from backend.store import JobStore, StoreError
 def mesh_message(job: str, frame: int, n: int = 5) -> protocol.Message:
     vertices = np.arange(n * 3, dtype=np.float32).reshape(n, 3) + frame
     faces = np.arange(6, dtype=np.int32).reshape(2, 3)
-    return protocol.make("mesh", arrays={"vertices": vertices, "faces": faces}, job=job, name="dog",
-                         role="dynamic", object_index=0, frame=frame, frame_index=frame, path="x.glb")
+    return protocol.make(
+        "mesh",
+        arrays={"vertices": vertices, "faces": faces},
+        job=job,
+        name="dog",
+        role="dynamic",
+        object_index=0,
+        frame=frame,
+        frame_index=frame,
+        path="x.glb",
+    )
 
 
 def test_a_new_job_has_its_folders_and_a_queued_record_that_survives_reopening(tmp_path):
@@ -30,8 +39,11 @@ def test_a_new_job_has_its_folders_and_a_queued_record_that_survives_reopening(t
 def test_events_are_logged_in_order_with_their_arrays_and_read_back_equal(tmp_path):
     store = JobStore(tmp_path)
     job = store.new_job().job
-    sent = [protocol.make("progress", job=job, stage="stage_a", done=1, total=4), mesh_message(job, 0),
-            mesh_message(job, 2, n=0)]
+    sent = [
+        protocol.make("progress", job=job, stage="stage_a", done=1, total=4),
+        mesh_message(job, 0),
+        mesh_message(job, 2, n=0),
+    ]
     seqs = [store.append_event(job, m) for m in sent]
     assert seqs == [1, 2, 3]
     read = JobStore(tmp_path).read_events(job)
@@ -107,7 +119,9 @@ def test_a_pickled_array_planted_in_the_stream_is_not_loaded(tmp_path):
     job = store.new_job().job
     store.append_event(job, mesh_message(job, 0))
     # Replace the stored vertices by an object array, whose .npy needs pickle to load.
-    np.save(tmp_path / "jobs" / job / "stream" / "000001_vertices.npy",
-            np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    np.save(
+        tmp_path / "jobs" / job / "stream" / "000001_vertices.npy",
+        np.array([{"evil": 1}], dtype=object),
+        allow_pickle=True,
+    )
     assert store.read_events(job) == []  # the event is dropped, nothing is unpickled
-

@@ -11,8 +11,7 @@ from backend.client import Client
 BUDGET = 300_000
 
 
-def test_a_job_over_the_memory_budget_fails_with_advice_and_the_next_one_runs(tiny_pipeline, tiny_masks,
-                                                                                tmp_path):
+def test_a_job_over_the_memory_budget_fails_with_advice_and_the_next_one_runs(tiny_pipeline, tiny_masks, tmp_path):
     big = {**FAST_PARAMS, "num_tokens": 64}
     from com4d.pipeline import ReconstructionParams
 

@@ -13,7 +13,7 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
 def section(direction_title: str) -> str:
     start = DOC.index(direction_title)
     end = DOC.find("\n## ", start + 1)
-    return DOC[start: end if end != -1 else len(DOC)]
+    return DOC[start : end if end != -1 else len(DOC)]
 
 
 def test_every_request_and_reply_type_has_its_own_section():
@@ -29,7 +29,7 @@ def test_every_field_of_every_message_is_documented_in_its_section():
         for type_, fields in schemas.items():
             start = text.index(f"### {type_}\n")
             end = text.find("\n### ", start + 1)
-            body = text[start: end if end != -1 else len(text)]
+            body = text[start : end if end != -1 else len(text)]
             for name in fields:
                 assert f"`{name}`" in body, f"{type_}.{name} is not documented"
 

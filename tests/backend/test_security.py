@@ -48,17 +48,18 @@ def test_keys_without_a_client_policy_also_refuse_a_public_bind(keys):
     config = ServerConfig(bind="tcp://0.0.0.0:5555", server_keys=load_server_keys(keys))
     with pytest.raises(SecurityError, match="--clients"):
         check_security(config)
-    check_security(ServerConfig(bind="tcp://0.0.0.0:5555", server_keys=load_server_keys(keys),
-                                allow_any_client=True))
+    check_security(ServerConfig(bind="tcp://0.0.0.0:5555", server_keys=load_server_keys(keys), allow_any_client=True))
 
 
 def test_only_admitted_clients_that_know_the_server_key_get_answers(tiny_pipeline, tmp_path, keys):
-    server = start_server(tiny_pipeline, tmp_path / "store", server_keys=load_server_keys(keys),
-                          authorized_clients=keys / "clients")
+    server = start_server(
+        tiny_pipeline, tmp_path / "store", server_keys=load_server_keys(keys), authorized_clients=keys / "clients"
+    )
     server_key = read_public_key(keys / "server.key")
     try:
-        with Client(server.address, server_key, read_key_pair(keys / "clients/client.key_secret"),
-                    timeout=10) as admitted:
+        with Client(
+            server.address, server_key, read_key_pair(keys / "clients/client.key_secret"), timeout=10
+        ) as admitted:
             assert admitted.ping()["busy"] is False
         with Client(server.address, server_key, zmq.curve_keypair(), timeout=1.5) as stranger:
             with pytest.raises(BackendError, match="keys"):
@@ -67,8 +68,9 @@ def test_only_admitted_clients_that_know_the_server_key_get_answers(tiny_pipelin
             with pytest.raises(BackendError):
                 plaintext.ping()
         wrong_server_key = zmq.curve_keypair()[0]
-        with Client(server.address, wrong_server_key, read_key_pair(keys / "clients/client.key_secret"),
-                    timeout=1.5) as confused:
+        with Client(
+            server.address, wrong_server_key, read_key_pair(keys / "clients/client.key_secret"), timeout=1.5
+        ) as confused:
             with pytest.raises(BackendError):
                 confused.ping()
     finally:
@@ -76,8 +78,13 @@ def test_only_admitted_clients_that_know_the_server_key_get_answers(tiny_pipelin
 
 
 def test_a_public_bind_takes_uploads_but_no_file_paths(tiny_pipeline, tmp_path, keys, tiny_masks):
-    server = start_server(tiny_pipeline, tmp_path / "store", bind="tcp://0.0.0.0:*",
-                          server_keys=load_server_keys(keys), allow_any_client=True)
+    server = start_server(
+        tiny_pipeline,
+        tmp_path / "store",
+        bind="tcp://0.0.0.0:*",
+        server_keys=load_server_keys(keys),
+        allow_any_client=True,
+    )
     port = server.address.rsplit(":", 1)[1]
     try:
         with Client(f"tcp://127.0.0.1:{port}", read_public_key(keys / "server.key"), timeout=10) as client:

@@ -17,26 +17,41 @@ from backend import protocol
 from backend.client import Client
 from backend.server import Server
 
-FUZZ_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=30)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30)
     | st.binary(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=15,
 )
 # Field names the server looks at, so the fuzzer reaches past the schema checks.
-known_fields = sorted({name for schema in protocol.REQUESTS.values() for name in schema}
-                      | {"path", "filename", "objects", "num_tokens", "frame_end"})
+known_fields = sorted(
+    {name for schema in protocol.REQUESTS.values() for name in schema}
+    | {"path", "filename", "objects", "num_tokens", "frame_end"}
+)
 request_types = st.sampled_from(sorted(protocol.REQUESTS)) | st.text(max_size=12)
 field_values = st.dictionaries(st.sampled_from(known_fields) | st.text(max_size=8), plain, max_size=6)
 
 
 @pytest.fixture(scope="module")
 def fuzzed_server(tiny_pipeline, tmp_path_factory) -> Iterator[Server]:
-    server = start_server(tiny_pipeline, tmp_path_factory.mktemp("fuzz") / "store", max_header_bytes=64 * 1024,
-                          max_video_bytes=1 << 20, max_files=16)
+    server = start_server(
+        tiny_pipeline,
+        tmp_path_factory.mktemp("fuzz") / "store",
+        max_header_bytes=64 * 1024,
+        max_video_bytes=1 << 20,
+        max_files=16,
+    )
     yield server
     server.stop()
 
@@ -77,8 +92,12 @@ def test_random_bytes_get_an_error_reply(dealer, frames):
 
 
 @FUZZ_SETTINGS
-@given(type_=request_types, id_=st.integers(0, 2**31) | st.text(max_size=20), fields=field_values,
-       files=st.dictionaries(st.text(max_size=20), st.binary(max_size=40), max_size=3))
+@given(
+    type_=request_types,
+    id_=st.integers(0, 2**31) | st.text(max_size=20),
+    fields=field_values,
+    files=st.dictionaries(st.text(max_size=20), st.binary(max_size=40), max_size=3),
+)
 def test_random_requests_get_a_reply_of_the_protocol(dealer, type_, id_, fields, files):
     fields = {k: v for k, v in fields.items() if k not in protocol.RESERVED_KEYS}
     frames = [bytes(f) for f in protocol.encode(protocol.Message(type_, id_, fields, files=files))]
@@ -94,9 +113,12 @@ def test_random_requests_get_a_reply_of_the_protocol(dealer, type_, id_, fields,
 
 
 @FUZZ_SETTINGS
-@given(header=st.dictionaries(st.sampled_from(["v", "type", "id", "arrays", "files"]) | st.text(max_size=6),
-                              plain, max_size=6),
-       blobs=st.lists(st.binary(max_size=20), max_size=3))
+@given(
+    header=st.dictionaries(
+        st.sampled_from(["v", "type", "id", "arrays", "files"]) | st.text(max_size=6), plain, max_size=6
+    ),
+    blobs=st.lists(st.binary(max_size=20), max_size=3),
+)
 def test_random_header_maps_get_an_error_or_a_normal_reply(dealer, header, blobs):
     frames = [msgpack.packb(header, use_bin_type=True), *blobs]
     reply = exchange(dealer, frames)

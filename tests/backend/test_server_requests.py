@@ -44,23 +44,33 @@ def test_an_unknown_type_is_answered_with_its_id_echoed(server):
     assert "launch" in reply["message"]
 
 
-@pytest.mark.parametrize("frames", [
-    [b"garbage"], [b"\xc1"], [b""], [msgpack.packb([1, 2, 3])], [msgpack.packb({"v": 1, "type": "ping"}), b"blob"],
-    [b"\x00" * 1000, b"x", b"y"],
-])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"garbage"],
+        [b"\xc1"],
+        [b""],
+        [msgpack.packb([1, 2, 3])],
+        [msgpack.packb({"v": 1, "type": "ping"}), b"blob"],
+        [b"\x00" * 1000, b"x", b"y"],
+    ],
+)
 def test_garbage_bytes_get_a_bad_message_error(server, frames):
     reply = raw_request(server.address, frames)
     assert reply.type == "error" and reply["code"] == "bad_message"
 
 
-@pytest.mark.parametrize("header, needle", [
-    ({"type": "cancel", "job": 12}, "'job'"),
-    ({"type": "status"}, "'job'"),
-    ({"type": "list_jobs", "limit": "ten"}, "'limit'"),
-    ({"type": "submit", "masks": "not a map"}, "'masks'"),
-    ({"type": "submit", "params": 3}, "'params'"),
-    ({"type": "fetch", "job": "x", "follow": 1}, "'follow'"),
-])
+@pytest.mark.parametrize(
+    "header, needle",
+    [
+        ({"type": "cancel", "job": 12}, "'job'"),
+        ({"type": "status"}, "'job'"),
+        ({"type": "list_jobs", "limit": "ten"}, "'limit'"),
+        ({"type": "submit", "masks": "not a map"}, "'masks'"),
+        ({"type": "submit", "params": 3}, "'params'"),
+        ({"type": "fetch", "job": "x", "follow": 1}, "'follow'"),
+    ],
+)
 def test_wrong_field_types_get_a_bad_field_error_naming_the_field(server, header, needle):
     reply = raw_request(server.address, [msgpack.packb({"v": 1, "id": 5, **header})])
     assert (reply.type, reply["code"], reply.id, reply["request"]) == ("error", "bad_field", 5, header["type"])
@@ -79,6 +89,7 @@ def test_an_old_or_new_protocol_version_is_refused_by_name(server):
 
 # -- submit checks: everything is refused before a job exists ----------------------------------------
 
+
 def submit_error(client: Client, **kwargs) -> BackendError:
     with pytest.raises(BackendError) as info:
         client.submit(**kwargs)
@@ -86,7 +97,10 @@ def submit_error(client: Client, **kwargs) -> BackendError:
     return info.value
 
 
-PROMPTS = {"version": 1, "objects": [{"name": "dog", "role": "dynamic", "prompts": [{"frame": 0, "points": [[10, 10, 1]]}]}]}
+PROMPTS = {
+    "version": 1,
+    "objects": [{"name": "dog", "role": "dynamic", "prompts": [{"frame": 0, "points": [[10, 10, 1]]}]}],
+}
 
 
 def test_submit_needs_exactly_one_input_form(client, tiny_masks):
@@ -124,8 +138,17 @@ def test_submit_checks_prompts_and_params_with_the_library(client, tiny_masks):
     assert error.code == "bad_parameter"
 
 
-@pytest.mark.parametrize("name", ["../escape.png", "masks/../../escape.png", "/tmp/escape.png", ".hidden",
-                                  "frames/a/b.png", "weights/x.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../escape.png",
+        "masks/../../escape.png",
+        "/tmp/escape.png",
+        ".hidden",
+        "frames/a/b.png",
+        "weights/x.safetensors",
+    ],
+)
 def test_uploaded_files_with_unsafe_or_unexpected_names_are_refused(client, tmp_path, name):
     files = {"frames/000000.png": b"x", "masks/000000_object_000.png": b"y", name: b"z"}
     with pytest.raises(BackendError) as info:

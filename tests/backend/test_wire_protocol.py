@@ -101,18 +101,26 @@ BAD_FRAMES = [
     ("missing blob", packed({"v": 1, "type": "x", "files": [{"name": "f", "size": 1}]}), "bad_message"),
     ("extra blob", packed({"v": 1, "type": "x"}, b"abc"), "bad_message"),
     ("short blob", packed({"v": 1, "type": "x", "files": [{"name": "f", "size": 4}]}, b"abc"), "bad_message"),
-    ("array size mismatch",
-     packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "float32", "shape": [2]}]}, b"1234"),
-     "bad_message"),
-    ("unknown dtype",
-     packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "object", "shape": [1]}]}, b"1234"),
-     "bad_message"),
-    ("negative shape",
-     packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "uint8", "shape": [-1]}]}, b""),
-     "bad_message"),
-    ("repeated names",
-     packed({"v": 1, "type": "x", "files": [{"name": "f", "size": 0}, {"name": "f", "size": 0}]}, b"", b""),
-     "bad_message"),
+    (
+        "array size mismatch",
+        packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "float32", "shape": [2]}]}, b"1234"),
+        "bad_message",
+    ),
+    (
+        "unknown dtype",
+        packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "object", "shape": [1]}]}, b"1234"),
+        "bad_message",
+    ),
+    (
+        "negative shape",
+        packed({"v": 1, "type": "x", "arrays": [{"name": "a", "dtype": "uint8", "shape": [-1]}]}, b""),
+        "bad_message",
+    ),
+    (
+        "repeated names",
+        packed({"v": 1, "type": "x", "files": [{"name": "f", "size": 0}, {"name": "f", "size": 0}]}, b"", b""),
+        "bad_message",
+    ),
     ("arrays not a list", packed({"v": 1, "type": "x", "arrays": {"a": 1}}), "bad_message"),
 ]
 
@@ -175,38 +183,91 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
 
 
 def test_reply_schemas_check_mesh_array_dtypes_and_shapes():
-    good = protocol.make("mesh", 1, arrays={"vertices": np.zeros((4, 3), np.float32),
-                                            "faces": np.zeros((2, 3), np.int32)},
-                         job="j", name="dog", role="dynamic", object_index=0, frame=2, frame_index=1)
+    good = protocol.make(
+        "mesh",
+        1,
+        arrays={"vertices": np.zeros((4, 3), np.float32), "faces": np.zeros((2, 3), np.int32)},
+        job="j",
+        name="dog",
+        role="dynamic",
+        object_index=0,
+        frame=2,
+        frame_index=1,
+    )
     validate(good, "reply")
-    bad = protocol.make("mesh", 1, arrays={"vertices": np.zeros((4, 2), np.float32),
-                                           "faces": np.zeros((2, 3), np.int32)},
-                        job="j", name="dog", role="dynamic", object_index=0, frame=2, frame_index=None)
+    bad = protocol.make(
+        "mesh",
+        1,
+        arrays={"vertices": np.zeros((4, 2), np.float32), "faces": np.zeros((2, 3), np.int32)},
+        job="j",
+        name="dog",
+        role="dynamic",
+        object_index=0,
+        frame=2,
+        frame_index=None,
+    )
     with pytest.raises(ProtocolError, match="vertices"):
         validate(bad, "reply")
 
 
 def test_every_message_type_has_a_schema_on_its_side():
     assert set(protocol.REQUESTS) == {"hello", "ping", "submit", "cancel", "status", "list_jobs", "fetch"}
-    assert set(protocol.REPLIES) == {"hello", "pong", "accepted", "progress", "mesh", "tracked_mesh", "warning",
-                                     "done", "error", "job_status", "jobs"}
+    assert set(protocol.REPLIES) == {
+        "hello",
+        "pong",
+        "accepted",
+        "progress",
+        "mesh",
+        "tracked_mesh",
+        "warning",
+        "done",
+        "error",
+        "job_status",
+        "jobs",
+    }
 
 
-@pytest.mark.parametrize("address, loopback", [
-    ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.1:*", True), ("tcp://[::1]:5555", True),
-    ("tcp://localhost:5555", True), ("ipc:///tmp/com4d.sock", True), ("inproc://x", True),
-    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://192.168.1.10:5555", False),
-    ("tcp://eth0:5555", False), ("tcp://[::]:5555", False), ("tcp://127.0.0.1:1;10.0.0.2:5555", False),
-])
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.1:*", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://localhost:5555", True),
+        ("ipc:///tmp/com4d.sock", True),
+        ("inproc://x", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://192.168.1.10:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://[::]:5555", False),
+        ("tcp://127.0.0.1:1;10.0.0.2:5555", False),
+    ],
+)
 def test_loopback_addresses_are_told_apart_from_public_ones(address, loopback):
     assert protocol.is_loopback_address(address) is loopback
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("video", True), ("video/000001.png", True), ("masks/000000_object_000.png", True), ("objects.json", True),
-    ("../x", False), ("/etc/passwd", False), ("masks/../../x", False), (".hidden", False), ("a/.b", False),
-    ("a/b/c", False), ("", False), ("a//b", False), ("a\\b", False), ("x" * 129, False), ("a/", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("video", True),
+        ("video/000001.png", True),
+        ("masks/000000_object_000.png", True),
+        ("objects.json", True),
+        ("../x", False),
+        ("/etc/passwd", False),
+        ("masks/../../x", False),
+        (".hidden", False),
+        ("a/.b", False),
+        ("a/b/c", False),
+        ("", False),
+        ("a//b", False),
+        ("a\\b", False),
+        ("x" * 129, False),
+        ("a/", False),
+    ],
+)
 def test_only_plain_relative_file_names_are_safe(name, ok):
     assert protocol.safe_file_name(name) is ok
 
@@ -214,8 +275,12 @@ def test_only_plain_relative_file_names_are_safe(name, ok):
 # -- property-based fuzzing ---------------------------------------------------------------------------
 
 plain_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
-    | st.text(max_size=20) | st.binary(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
@@ -246,17 +311,21 @@ def test_arbitrary_msgpack_headers_decode_or_raise_protocol_error_only(header, b
 
 wire_arrays = st.sampled_from(sorted(protocol.WIRE_DTYPES)).flatmap(
     lambda dtype: st.lists(st.integers(0, 4), min_size=0, max_size=3).flatmap(
-        lambda shape: st.binary(min_size=int(np.prod(shape)) * np.dtype(protocol.WIRE_DTYPES[dtype]).itemsize,
-                                max_size=int(np.prod(shape)) * np.dtype(protocol.WIRE_DTYPES[dtype]).itemsize)
-        .map(lambda raw: np.frombuffer(raw, dtype=protocol.WIRE_DTYPES[dtype]).reshape(shape))))
+        lambda shape: st.binary(
+            min_size=int(np.prod(shape)) * np.dtype(protocol.WIRE_DTYPES[dtype]).itemsize,
+            max_size=int(np.prod(shape)) * np.dtype(protocol.WIRE_DTYPES[dtype]).itemsize,
+        ).map(lambda raw: np.frombuffer(raw, dtype=protocol.WIRE_DTYPES[dtype]).reshape(shape))
+    )
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     type_=st.text(min_size=1, max_size=64),
     id_=st.none() | st.integers(-(2**62), 2**62) | st.text(max_size=128),
-    fields=st.dictionaries(st.text(max_size=10).filter(lambda k: k not in protocol.RESERVED_KEYS), plain_values,
-                           max_size=5),
+    fields=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k not in protocol.RESERVED_KEYS), plain_values, max_size=5
+    ),
     arrays=st.dictionaries(st.text(min_size=1, max_size=10), wire_arrays, max_size=3),
     files=st.dictionaries(st.text(min_size=1, max_size=10), st.binary(max_size=50), max_size=3),
 )
@@ -268,3 +337,10 @@ def test_any_encodable_message_decodes_to_the_same_message(type_, id_, fields, a
         assert decoded.arrays[name].dtype == array.dtype and decoded.arrays[name].shape == array.shape
         assert decoded.arrays[name].tobytes() == array.tobytes()
     assert {k: bytes(v) for k, v in decoded.files.items()} == files
+
+
+def test_an_oversized_header_still_names_its_request_in_the_error():
+    header = msgpack.packb({"v": 1, "label": "x" * 5000, "type": "submit", "id": "r-1"})
+    with pytest.raises(ProtocolError) as info:
+        decode([header], Limits(max_header_bytes=1000))
+    assert (info.value.code, info.value.request_id, info.value.request_type) == ("too_large", "r-1", "submit")
