@@ -68,6 +68,8 @@ def add_reconstruction_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-depth", type=_depths, default=None, metavar="DENSE:FINAL",
                    help="octree depths of mesh extraction (8:9 = 256^3 then 512^3)")
     g.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    g.add_argument("--allow-lost", action="store_true",
+                   help="with --prompts: keep going when segmentation loses an object on some frames")
 
 
 def params_from_args(args: argparse.Namespace, base: dict | None = None):
@@ -89,6 +91,8 @@ def params_from_args(args: argparse.Namespace, base: dict | None = None):
         values["mesh_dense_depth"], values["mesh_final_depth"] = args.mesh_depth
     if args.no_preview:
         values["preview"] = False
+    if getattr(args, "allow_lost", False):
+        values["allow_lost"] = True
     return ReconstructionParams.from_dict(values)
 
 

@@ -612,7 +612,8 @@ class COM4DPipeline:
                 frame = frame_numbers[frame_index]
                 rel = writer.add_dynamic_frame(index, frame, verts, faces)
                 if params.topology == "tracked":
-                    self._track_frame(trackers, index, frame, field_fn, verts, faces, params, on_event)
+                    self._track_frame(trackers, index, frame, field_fn, verts, faces, params, on_event,
+                                      self.vae.device)
             if len(faces) == 0:
                 on_event(
                     WarningEvent(
@@ -693,7 +694,7 @@ class COM4DPipeline:
 
     @staticmethod
     def _track_frame(trackers: dict, index: int, frame: int, field_fn, verts: np.ndarray, faces: np.ndarray,
-                     params: ReconstructionParams, on_event: EventCallback) -> None:
+                     params: ReconstructionParams, on_event: EventCallback, device: torch.device) -> None:
         """Tracked topology: move object `index`'s first mesh onto this frame's surface while the
         frame's field is still alive (it is freed right after)."""
         from com4d import tracking
@@ -704,7 +705,7 @@ class COM4DPipeline:
             config = tracking.TrackingConfig()
             if params.tracking_threshold is not None:
                 config = dataclasses.replace(config, chamfer_threshold=params.tracking_threshold)
-            trackers[index] = tracking.SequenceTracker(verts, faces, config)
+            trackers[index] = tracking.SequenceTracker(verts, faces, config, device=device)
         on_event(Progress(stage="tracking", message=f"object {index} frame {frame}"))
         trackers[index].add_frame(field_fn, verts, faces, frame)
 

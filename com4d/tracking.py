@@ -29,15 +29,18 @@ occupancy logit) and that frame's own extracted mesh (the *reference*, which the
    alike; it is zero for any rigid motion, so it does not make vertices drift. The move is projected
    onto the surface's tangent plane (the field's gradient gives the normal) and clamped per vertex to a
    quarter of its smallest triangle height, which keeps every triangle's area within a quarter per
-   sub-step: the regulariser cannot fold the mesh. (Edge springs and per-triangle shape matching, tried
-   as rigidity terms, folded the slivers of the raw extraction; after relaxation, shape matching still
-   moved a rigidly moving box's vertices off their material points, 0.006 against 0.0007 without it,
-   and improved no measured case, so neither is here.)
+   sub-step: the regulariser cannot fold the mesh. Where triangles did fold (their normal against the
+   field's, e.g. where a bend squeezes the inside of a joint), the vertices around them are relaxed
+   like the base until they unfold. (Edge springs and per-triangle shape matching, tried as rigidity
+   terms, folded the slivers of the raw extraction; after relaxation, shape matching still moved a
+   rigidly moving box's vertices off their material points, 0.006 against 0.0007 without it, and
+   improved no measured case, so neither is here.)
 4. **Quality check** against the frame's own mesh, from `samples` random surface points of each
    (`com4d.metrics`): the Chamfer distance (the reference's metric: the average error), the share of the
    tracked surface that lies off the frame's surface (the worst part: a bridge across a split or a
-   membrane across a newly opened hole is a small area far from the surface, which an average hides), and
-   the number of separate parts (more parts than the base means the object split).
+   membrane across a newly opened hole is a small area far from the surface, which an average hides),
+   the share of folded triangles (a fold lies on the surface, so neither distance sees it), and the
+   number of separate parts (more parts than the base means the object split).
 
 Fallback. A frame is a *fallback frame* when any of these holds:
 - its Chamfer distance exceeds `sampling_floor + chamfer_threshold`. Even a perfect tracked mesh scores
@@ -47,6 +50,7 @@ Fallback. A frame is a *fallback frame* when any of these holds:
 - more than `off_surface_fraction` of the tracked samples are farther than
   max(`off_surface_distance`, 3·floor) from the frame's samples (sampling alone leaves practically none
   beyond 3·floor);
+- more than `folded_fraction` of the triangles are still folded after tracking;
 - the frame's own mesh has more parts (of at least 1 % of its area) than the base mesh.
 
 The caller keeps that frame's own per-frame mesh. The next frame starts again from the **last
@@ -58,8 +62,9 @@ a brief contact) are common and should not throw away a clip's worth of good tra
 "continue from the failed attempt" because a mesh dragged across a topology change is a poor start
 once the shape comes back. Each fallback frame gets a reason that says why, in numbers.
 
-Everything is torch on the vertices' device (CUDA works) plus numpy for the Chamfer check; the field is
-only called through `field_fn(points (P,3) float32) -> (P,)`.
+Everything is torch on the vertices' device (CUDA works) plus numpy/scipy on the CPU for the
+pre-alignment and the check; the field is only called through `field_fn(points (P,3) float32) -> (P,)`,
+all vertices at once (7·V points per call with finite differences). docs/tracking.md has measurements.
 """
 
 from __future__ import annotations
@@ -334,7 +339,7 @@ class SequenceTracker:
         frame = len(self.results) if frame is None else int(frame)
         ref_vertices = np.asarray(ref_vertices, dtype=np.float64).reshape(-1, 3)
         ref_faces = np.asarray(ref_faces).reshape(-1, 3)
-        if len(ref_faces) == 0:
+        if len(ref_faces) == 0 or not _has_area(ref_vertices, ref_faces):  # the object vanished here
             return self._record(frame, self._accepted, _idle_stats(self._gradient), 0.0, 0.0,
                                 chamfer=float("inf"), floor=0.0, off_surface=1.0, parts=0,
                                 reason=f"frame {frame}: the object has no mesh of its own in this frame")
@@ -707,9 +712,9 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted unit vertex normals (V, 3); zero where a vertex has no faces."""
     corners = vertices[faces]  # (F, 3, 3)
     face_normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # |.| = 2 area
-    normals = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(normals, faces[:, k], face_normal)
+    corner = np.asarray(faces).reshape(-1)  # (3F,) each face's normal goes to its three corners
+    normals = np.stack([np.bincount(corner, weights=np.repeat(face_normal[:, k], 3), minlength=len(vertices))
+                        for k in range(3)], axis=1)  # (V, 3)
     length = np.linalg.norm(normals, axis=1, keepdims=True)
     return normals / np.maximum(length, 1e-20)
 
@@ -719,6 +724,14 @@ def _quantile(values: torch.Tensor, q: float) -> float:
         return 0.0
     k = max(1, int(np.ceil(q * values.numel())))
     return float(values.float().kthvalue(k).values)
+
+
+def _has_area(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        return True  # not ours to judge: as_trimesh names the bad index
+    corners = vertices[faces]  # (F, 3, 3)
+    doubled = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # (F, 3)
+    return bool(np.linalg.norm(doubled, axis=1).sum() > 0)
 
 
 def _idle_stats(gradient: str) -> TrackStats:

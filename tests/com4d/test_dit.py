@@ -151,3 +151,37 @@ def test_layout_conversion_round_trips():
         torch.testing.assert_close(back[k], state[k], atol=0, rtol=0)
     converted = heads_first_to_standard(state, heads)
     assert not torch.equal(converted["blocks.0.attn1.to_k.weight"], state["blocks.0.attn1.to_k.weight"])
+
+
+def test_feed_forward_slicing_and_skipped_static_rows_change_nothing(model, monkeypatch):
+    import com4d.dit as dit
+
+    g = torch.Generator().manual_seed(3)
+    cfg = model.cfg
+    x = torch.randn(4, 3, 16, cfg.in_channels, generator=g)
+    enc = torch.randn(4, 3, 20, cfg.cross_attention_dim, generator=g)
+    whole = model.forward_grid(x, 300.0, enc, enc, static_rows=2, cutoff=True)
+    monkeypatch.setattr(dit, "FF_CHUNK_TOKENS", 20)  # one cell (17 tokens) per slice
+    sliced = model.forward_grid(x, 300.0, enc, enc, static_rows=2, cutoff=True)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
+    ctx = dit.CellContext.per_cell(enc)
+    dyn = torch.arange(2 * 3, 4 * 3)
+    only_dynamic = model.forward_grid(x[2:], 300.0, ctx.subset(dyn), ctx.subset(dyn), static_rows=2, cutoff=True,
+                                      row_offset=2, total_rows=4)
+    torch.testing.assert_close(only_dynamic, whole[2:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="only be left out after the cutoff"):
+        model.forward_grid(x[2:], 300.0, ctx.subset(dyn), ctx.subset(dyn), static_rows=2, cutoff=False,
+                           row_offset=2, total_rows=4)
+
+
+def test_unconditional_cross_attention_is_exactly_the_output_bias(model):
+    g = torch.Generator().manual_seed(4)
+    cfg = model.cfg
+    x = torch.randn(3, 2, 16, cfg.in_channels, generator=g)
+    zeros = torch.zeros(3, 2, 20, cfg.cross_attention_dim)
+    computed = model.forward_grid(x, 700.0, zeros, zeros, static_rows=1)  # per-cell zero tokens, computed
+    from com4d.dit import CellContext
+
+    shortcut = CellContext.zeros(6, 20, cfg.cross_attention_dim, x.device, x.dtype)
+    fast = model.forward_grid(x, 700.0, shortcut, shortcut, static_rows=1)
+    torch.testing.assert_close(fast, computed, atol=1e-6, rtol=1e-6)

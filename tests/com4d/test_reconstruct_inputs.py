@@ -1,0 +1,79 @@
+"""`com4d reconstruct` from a video: with a masks folder, and with clicks segmented by SAM first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_video
+from PIL import Image
+
+from com4d.cli import main as cli_main
+from com4d.demo import demo_paths
+from com4d.scene import load_scene
+
+TINY = ["--tokens", "16", "--scene-steps", "2", "--dynamic-steps", "2", "--mix-cutoff", "0", "--block-size", "2",
+        "--memory-frames", "3", "--mesh-depth", "4:5", "--device", "cpu", "--quiet", "--no-preview"]
+
+
+@pytest.fixture()
+def demo_video(tmp_path) -> tuple[Path, Path]:
+    """The demo clip as a lossless video, and a folder with just its masks/ and objects.json."""
+    clip = demo_paths()[1]
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((clip / "frames").glob("*.png"))]
+    video = write_video(tmp_path / "clip.mkv", frames)
+    masks = tmp_path / "masks_only"
+    shutil.copytree(clip / "masks", masks / "masks")
+    shutil.copy(clip / "objects.json", masks / "objects.json")
+    return video, masks
+
+
+def test_video_plus_masks_folder(tmp_path, demo_video):
+    video, masks = demo_video
+    out = tmp_path / "out"
+    code = cli_main(["reconstruct", str(video), "--masks", str(masks), "--weights", str(demo_paths()[0]),
+                     "--out", str(out), "--frames", "0:6:2", *TINY])
+    assert code == 0
+    scene = load_scene(out)
+    assert scene["status"] == "complete" and scene["frames"] == [0, 2, 4]
+    assert scene["source"]["input"] == str(video)
+
+
+def test_unreadable_video_is_named(tmp_path, demo_video, capsys):
+    _, masks = demo_video
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00 this is not a video" * 50)
+    code = cli_main(["reconstruct", str(broken), "--masks", str(masks), "--weights", str(demo_paths()[0]),
+                     "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.mp4" in err
+
+
+def test_video_plus_prompts_segments_then_reconstructs(tmp_path, demo_video, seg_tiny_sam_checkpoint):
+    video, _ = demo_video
+    prompts = {"version": 1, "objects": [
+        {"name": "ball", "role": "dynamic", "prompts": [{"frame": 0, "points": [[22, 58, 1]]}]},
+        {"name": "box", "role": "static", "prompts": [{"frame": 0, "box": [55, 35, 80, 76]}]},
+    ]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    code = cli_main(["reconstruct", str(video), "--prompts", str(tmp_path / "prompts.json"),
+                     "--sam", str(seg_tiny_sam_checkpoint), "--weights", str(demo_paths()[0]), "--out", str(out),
+                     "--frames", "0:4:1", "--allow-lost", *TINY])
+    assert code == 0
+    scene = load_scene(out)
+    assert scene["status"] == "complete" and scene["frames"] == [0, 1, 2, 3]
+    assert {o["name"]: o["role"] for o in scene["objects"]} == {"box": "static", "ball": "dynamic"}
+    assert (out / "segmentation" / "masks").is_dir()
+    assert scene["source"]["input"] == str(video)
+
+
+def test_prompts_without_sam_checkpoint_is_refused(tmp_path, demo_video, capsys):
+    video, _ = demo_video
+    (tmp_path / "p.json").write_text("{}")
+    code = cli_main(["reconstruct", str(video), "--prompts", str(tmp_path / "p.json"), "--weights",
+                     str(demo_paths()[0]), "--out", str(tmp_path / "o"), *TINY])
+    assert code == 2 and "--sam" in capsys.readouterr().err
