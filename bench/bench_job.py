@@ -83,6 +83,7 @@ def main() -> None:
     p.add_argument("--mesh-depth", default="8:9")
     p.add_argument("--meshes", type=int, default=None,
                    help="extract only the first N meshes (the rest are skipped and extrapolated)")
+    p.add_argument("--mesh-workers", type=int, default=None, help="marching-cubes processes (default: auto)")
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
@@ -97,15 +98,19 @@ def main() -> None:
     params = ReconstructionParams(num_tokens=tokens, scene_steps=args.steps, dynamic_steps=args.steps,
                                   frame_stride=1, dynamic_mix_cutoff=min(20, args.steps * 2 // 5),
                                   mesh_dense_depth=dense, mesh_final_depth=final, preview=False,
-                                  combined_frames=False, memory_budget=1 << 50)
+                                  combined_frames=False, memory_budget=1 << 50, mesh_workers=args.mesh_workers)
     if args.meshes is not None:
-        real_mesh, count = pipe.mesh_latent, [0]
+        from com4d.mesher import Mesher
 
-        def limited(latent, params):
+        real_submit, count = Mesher.submit, [0]
+
+        def limited(self, field_fn, payload):
             count[0] += 1
-            return real_mesh(latent, params) if count[0] <= args.meshes else (None, None)
+            if count[0] <= args.meshes:
+                return real_submit(self, field_fn, payload)
+            self.finish(payload, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32))
 
-        pipe.mesh_latent = limited
+        Mesher.submit = limited
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     marks: dict[str, list[float]] = defaultdict(list)
     last = [time.perf_counter()]

@@ -36,6 +36,7 @@ from com4d.events import (
 )
 from com4d.events import Warning as WarningEvent
 from com4d.inputs import SceneInputs, load_inputs
+from com4d.mesher import Mesher
 from com4d.scene import SceneWriter, unique_names
 from com4d.scheduler import RectifiedFlowScheduler
 from com4d.vae import ShapeVAE
@@ -77,6 +78,7 @@ class ReconstructionParams:
     tracking_threshold: float | None = None
     allow_lost: bool = False  # segmentation: keep going when an object is lost on some frames
     memory_budget: int | None = None
+    mesh_workers: int | None = None  # marching-cubes processes; None: 0 below 512^3 or < 4 cores, else <= 4
     combined_frames: bool = True
     preview: bool = True
 
@@ -580,6 +582,7 @@ class COM4DPipeline:
             return done[0]
 
         def on_step(stage: str, window: int, step: int, steps: int) -> None:
+            mesher.poll()  # meshes whose marching cubes finished in the background
             on_event(
                 Progress(
                     stage=stage,
@@ -592,18 +595,9 @@ class COM4DPipeline:
                 )
             )
 
-        def emit_mesh(role: str, index: int, frame_index: int | None, latent: torch.Tensor) -> None:
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            t = time.perf_counter()
-            mesh, field_fn = self.mesh_latent(latent, params)
-            timings["meshing"] += time.perf_counter() - t
-            verts = (
-                np.asarray(mesh.vertices, dtype=np.float32)
-                if mesh is not None
-                else np.zeros((0, 3), np.float32)
-            )
-            faces = np.asarray(mesh.faces, dtype=np.int32) if mesh is not None else np.zeros((0, 3), np.int32)
+        def finish_mesh(payload: tuple, verts: np.ndarray, faces: np.ndarray) -> None:
+            """A finished mesh: file, manifest, tracking, events (on this thread, in order)."""
+            role, index, frame_index, field_fn = payload
             name = names[index] if role == "static" else names[S + index]
             if role == "static":
                 frame = inputs.frame_numbers[sel.stage_a]
@@ -615,28 +609,25 @@ class COM4DPipeline:
                     self._track_frame(trackers, index, frame, field_fn, verts, faces, params, on_event,
                                       self.vae.device)
             if len(faces) == 0:
-                on_event(
-                    WarningEvent(
-                        code="empty_mesh",
-                        message=f"{name}: the field has no surface at frame {frame}",
-                        frames=[frame],
-                    )
-                )
-            on_event(
-                MeshReady(
-                    name=name,
-                    role=role,
-                    object_index=index,
-                    frame=frame,
-                    frame_index=frame_index,
-                    vertices=verts,
-                    faces=faces,
-                    path=rel,
-                    color=writer.get(role, index).color,
-                )
-            )
+                on_event(WarningEvent(code="empty_mesh", message=f"{name}: the field has no surface at frame {frame}",
+                                      frames=[frame]))
+            on_event(MeshReady(name=name, role=role, object_index=index, frame=frame, frame_index=frame_index,
+                               vertices=verts, faces=faces, path=rel, color=writer.get(role, index).color))
             on_event(Progress(stage="meshing", done=tick(), total=total, message=f"{name} frame {frame}"))
-            del field_fn
+
+        mesher = Mesher(finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, self.vae.device,
+                        workers=params.mesh_workers)
+
+        def emit_mesh(role: str, index: int, frame_index: int | None, latent: torch.Tensor) -> None:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            t = time.perf_counter()
+            field_fn = self.vae.field_fn(latent)
+            # Tracking needs the field again once the mesh is done; otherwise drop it right away.
+            keep = field_fn if (role == "dynamic" and params.topology == "tracked") else None
+            mesher.submit(field_fn, (role, index, frame_index, keep))
+            del field_fn, keep
+            timings["meshing"] += time.perf_counter() - t
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -662,6 +653,9 @@ class COM4DPipeline:
                     cancel=cancel,
                 )
                 timings["sampling"] = time.perf_counter() - t - timings["meshing"]
+                t = time.perf_counter()
+                mesher.drain()
+                timings["meshing"] += time.perf_counter() - t
             except torch.cuda.OutOfMemoryError as err:
                 raise OutOfMemory(
                     "the GPU ran out of memory; use fewer tokens (num_tokens), fewer frames or a smaller "
@@ -683,6 +677,7 @@ class COM4DPipeline:
             writer.finish("failed")
             raise
         finally:
+            mesher.close()
             trackers.clear()
             gc.collect()
             if self.device.type == "cuda":

@@ -192,3 +192,17 @@ def test_tracked_topology_gives_one_mesh_per_object_with_per_frame_vertices(pipe
     # every fallback frame keeps its own per-frame mesh in the manifest
     own = {f["frame"] for f in ball["frames"] if f.get("mesh")}
     assert set(ev.fallback_frames) <= own
+
+
+def test_background_marching_cubes_gives_the_same_scene(pipe, clip, tmp_path):
+    outs = {}
+    for workers in (0, 1):
+        events = []
+        params = ReconstructionParams.from_dict({**FAST, "mesh_workers": workers, "preview": False})
+        pipe.reconstruct(ReconstructionRequest(frames_dir=clip), params, tmp_path / f"o{workers}",
+                         on_event=events.append)
+        outs[workers] = [e for e in events if e.kind == "mesh"]
+    assert [(e.name, e.frame) for e in outs[0]] == [(e.name, e.frame) for e in outs[1]]
+    for a, b in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+        np.testing.assert_array_equal(a.faces, b.faces)

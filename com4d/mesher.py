@@ -1,0 +1,154 @@
+"""Turning final latents into meshes while the sampler keeps the GPU busy.
+
+A mesh has two halves: the field on the hierarchical grid (VAE queries, on the GPU) and Lewiner
+marching cubes on the finished grid (scikit-image, on the CPU, holding the GIL for seconds at
+512^3). `Mesher.submit` runs the first half at once — so the field is freed as soon as the latent
+is final — and hands the grid to a pool of worker *processes* for the second half (a thread would
+stall the sampler, which needs the GIL to launch its kernels). The finished meshes are collected in
+submission order by `poll()` (called once per denoising step) and `drain()`, on the caller's
+thread, so events and files are produced where they always were. Same input, same function: the
+meshes are identical to `meshing.extract_mesh`'s.
+
+With `workers=0` everything runs inline (small grids, few cores, and tests of the plain path).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+
+from com4d import meshing
+
+# Grids at least this large (512^3 = depth 9) are worth sending to another process.
+POOL_MIN_VOXELS = 256**3
+
+
+def default_workers(final_depth: int) -> int:
+    """Marching-cubes processes: none for small grids or machines with few cores, else up to 4."""
+    cores = os.cpu_count() or 1
+    if (2**final_depth) ** 3 < POOL_MIN_VOXELS or cores < 4:
+        return 0
+    return min(4, cores - 2)
+
+
+def _marching_cubes_shared(name: str, shape: tuple[int, ...], bounds: tuple[float, ...], depth: int):
+    """Worker side: marching cubes on a grid in shared memory (no copy of the 512 MiB volume)."""
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        volume = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
+        return meshing.marching_cubes(volume, bounds, depth)
+    finally:
+        shm.close()
+
+
+@dataclass
+class _Pending:
+    future: Future | None
+    result: Any  # the inline result when future is None
+    shm: shared_memory.SharedMemory | None
+    payload: Any
+
+
+class Mesher:
+    """Fields on the caller's device now, marching cubes in a process pool, results in order.
+
+    `finish(payload, vertices, faces)` is called on the caller's thread, in submission order, for
+    every mesh (vertices (V, 3) float32 and faces (F, 3) int32, both empty when there is no
+    surface; faces wound outwards).
+    """
+
+    def __init__(
+        self,
+        finish: Callable[[Any, np.ndarray, np.ndarray], None],
+        dense_depth: int,
+        final_depth: int,
+        device: torch.device,
+        workers: int | None = None,
+        max_pending: int = 8,
+    ):
+        self.finish = finish
+        self.dense_depth = dense_depth
+        self.final_depth = final_depth
+        self.device = device
+        self.workers = default_workers(final_depth) if workers is None else workers
+        self.max_pending = max(1, max_pending)
+        self._pending: deque[_Pending] = deque()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: never fork a process that holds CUDA state
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return self._pool
+
+    def submit(self, field_fn: meshing.FieldFn, payload: Any) -> None:
+        """Compute the field grid now; queue marching cubes. Blocks while too many are queued."""
+        with torch.no_grad():
+            grid, _ = meshing.hierarchical_field(
+                field_fn, meshing.DEFAULT_BOUNDS, self.dense_depth, self.final_depth, torch.float16,
+                meshing.DEFAULT_CHUNK, self.device,
+            )
+            volume = grid.float().cpu().numpy()
+        del grid
+        if self.workers == 0:
+            result = meshing.marching_cubes(volume, meshing.DEFAULT_BOUNDS, self.final_depth)
+            self._pending.append(_Pending(None, result, None, payload))
+        else:
+            shm = shared_memory.SharedMemory(create=True, size=volume.nbytes)
+            np.ndarray(volume.shape, np.float32, buffer=shm.buf)[...] = volume
+            future = self._executor().submit(
+                _marching_cubes_shared, shm.name, volume.shape, meshing.DEFAULT_BOUNDS, self.final_depth
+            )
+            self._pending.append(_Pending(future, None, shm, payload))
+        del volume
+        while len(self._pending) > self.max_pending:
+            self._complete(self._pending.popleft())
+        self.poll()
+
+    def poll(self) -> None:
+        """Finish every mesh at the head of the queue whose marching cubes is done."""
+        while self._pending and (self._pending[0].future is None or self._pending[0].future.done()):
+            self._complete(self._pending.popleft())
+
+    def drain(self) -> None:
+        """Finish every queued mesh (waits for the pool)."""
+        while self._pending:
+            self._complete(self._pending.popleft())
+
+    def _complete(self, item: _Pending) -> None:
+        try:
+            result = item.future.result() if item.future is not None else item.result
+        finally:
+            if item.shm is not None:
+                item.shm.close()
+                item.shm.unlink()
+        if result is None:
+            vertices, faces = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
+        else:
+            mesh = trimesh.Trimesh(vertices=result[0], faces=result[1])  # the official default processing
+            vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float32)
+            faces = np.ascontiguousarray(mesh.faces[:, ::-1], dtype=np.int32)  # outward winding
+        self.finish(item.payload, vertices, faces)
+
+    def close(self) -> None:
+        """Drop queued work (e.g. after a cancel) and stop the pool."""
+        for item in self._pending:
+            if item.future is not None:
+                item.future.cancel()
+            if item.shm is not None:
+                item.shm.close()
+                item.shm.unlink()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
