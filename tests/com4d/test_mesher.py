@@ -23,8 +23,8 @@ def test_process_pool_and_inline_give_the_official_meshes_in_order():
         mesh = meshing.extract_mesh(sphere(r), dense_depth=4, final_depth=5)
         expected.append((np.asarray(mesh.mesh.vertices, np.float32), np.asarray(mesh.mesh.faces)[:, ::-1]))
     for workers in (0, 1):
-        got = []
-        mesher = Mesher(lambda payload, v, f: got.append((payload, v, f)), 4, 5, torch.device("cpu"),
+        got: list = []
+        mesher = Mesher(lambda payload, v, f, got=got: got.append((payload, v, f)), 4, 5, torch.device("cpu"),
                         workers=workers, max_pending=2)
         try:
             for i, r in enumerate(radii):
