@@ -1,4 +1,8 @@
-"""The ZeroMQ front: a ROUTER socket that answers clients, queues jobs and streams their events.
+"""The backend service: a socket that answers clients, queues jobs and streams their events.
+
+The socket is a ROUTER bound for clients, or, for a worker behind a front end (several GPUs,
+docs/deploy.md), a DEALER connected to the front end, which forwards `[client identity, header,
+blobs…]`: the same frames a ROUTER delivers, so one loop handles both (backend/link.py).
 
 One thread owns the socket. It answers `hello`, `ping`, `status`, `cancel`... at once, also while
 a job runs, because the GPU work happens on the worker's thread; the worker hands its events over
@@ -7,7 +11,8 @@ checked (backend/protocol.py) before anything is done with it; anything wrong ge
 reply naming the problem, and no message can take the server down.
 
 Security (docs/deploy.md): loopback binds only unless CurveZMQ keys are given; file paths in
-`submit` only on a loopback bind; uploaded files land inside the job's own folder.
+`submit` only on a loopback bind (behind a front end: a loopback front end); uploaded files land
+inside the job's own folder.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,10 @@ from typing import Any
 import zmq
 
 import com4d
-from backend import protocol
+from backend import link, protocol
+from backend.listen import ListenConfig, bound_address, open_listener
+from backend.listen import SecurityError as SecurityError  # re-exported: its home before listen.py
+from backend.listen import check_security as check_security  # re-exported, as SecurityError
 from backend.store import JobStore, StoreError, plain
 from backend.worker import Pipeline, Worker, check_params, device_memory
 from com4d.errors import COM4DError
@@ -37,10 +47,6 @@ from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, probe_video
 log = logging.getLogger("com4d.backend.server")
 
 MASK_FOLDERS = ("frames", "frames_no_bg", "masks")
-
-
-class SecurityError(Exception):
-    """The server refuses to start with this configuration (e.g. a public bind without keys)."""
 
 
 class Rejected(Exception):
@@ -53,53 +59,47 @@ class Rejected(Exception):
 
 
 @dataclass
-class ServerConfig:
-    """How the server listens and what it accepts. Sizes in bytes."""
+class ServerConfig(ListenConfig):
+    """How the server listens (backend/listen.py), what it accepts and where it runs. Sizes in bytes.
 
-    bind: str = "tcp://127.0.0.1:5555"
+    With `connect` the server is a worker of the front end at that address: it binds nothing, and
+    `bind` and the keys are the front end's business. `name` starts its job ids (required then)."""
+
     device: str = "cpu"
-    server_keys: tuple[bytes, bytes] | None = None  # (public, secret) z85: switches CurveZMQ on
-    authorized_clients: Path | None = None  # folder of client public keys (*.key) admitted
-    allow_any_client: bool = False  # with keys: admit any client that knows the server's key
     memory_budget: int | None = None  # bytes; the worker's cap for every job
     max_queue: int = 16
-    max_header_bytes: int = 1 << 20
-    max_video_bytes: int = 2 << 30
-    max_upload_bytes: int = 4 << 30  # all blobs of one submit
-    max_files: int = 4096
     max_objects: int = 32
     max_frames: int = 1024
-
-    @property
-    def limits(self) -> protocol.Limits:
-        """The decoder's limits for requests (clients send no arrays of their own, only files)."""
-        return protocol.Limits(
-            max_header_bytes=self.max_header_bytes,
-            max_blobs=self.max_files,
-            max_array_bytes=16 << 20,
-            max_file_bytes=self.max_video_bytes,
-            max_message_bytes=self.max_upload_bytes,
-        )
-
-    @property
-    def loopback(self) -> bool:
-        return protocol.is_loopback_address(self.bind)
+    connect: str | None = None  # a front end's worker endpoint (`com4d-backend front --workers`)
+    name: str | None = None  # this worker's name, the prefix of its job ids
+    heartbeat_s: float = 1.0  # behind a front end: how often to say "still here"
 
 
-def check_security(cfg: ServerConfig) -> None:
-    """Refuse what is not safe: a non-loopback bind needs keys and a policy for clients."""
-    if cfg.loopback:
+def check_worker_config(cfg: ServerConfig) -> None:
+    """Refuse a worker set-up the front end could not use (ValueError saying what to change)."""
+    if cfg.connect is None:
+        if cfg.name is not None:
+            link.check_worker_name(cfg.name)
         return
-    if cfg.server_keys is None:
-        raise SecurityError(
-            f"refusing to bind {cfg.bind}: a non-loopback address needs CurveZMQ keys. Make them with "
-            "`com4d-backend keys DIR` and start with `--keys DIR`, or bind tcp://127.0.0.1:PORT."
-        )
-    if cfg.authorized_clients is None and not cfg.allow_any_client:
-        raise SecurityError(
-            f"refusing to bind {cfg.bind}: say which clients may connect, with `--clients DIR` (their "
-            "public keys; `com4d-backend keys` makes one) or `--allow-any-client`."
-        )
+    link.check_link_address(cfg.connect, "the front end's worker address")
+    if cfg.name is None:
+        raise ValueError("a worker needs a --name (e.g. gpu0): it starts the ids of the worker's jobs")
+    link.check_worker_name(cfg.name)
+    if cfg.server_keys is not None or cfg.authorized_clients is not None:
+        raise ValueError("a worker takes no keys: give --keys and --clients to the front end")
+    if not cfg.heartbeat_s > 0:
+        raise ValueError(f"the heartbeat interval must be positive, not {cfg.heartbeat_s}")
+
+
+@dataclass
+class _FrontLink:
+    """A worker's view of its front end."""
+
+    instance: str  # this process's token: tells the front end a restart from a reconnect
+    welcomed: bool = False
+    paths_allowed: bool = False  # the front end's clients are on this machine
+    last_sent: float = 0.0
+    refusal: str | None = None
 
 
 @dataclass
@@ -120,8 +120,10 @@ class Server:
         )
         self.address: str | None = None
         self._context: zmq.Context | None = None
-        self._router: zmq.Socket | None = None
+        self._socket: zmq.Socket | None = None  # the clients' ROUTER, or the DEALER to a front end
         self._auth: Any = None
+        self._link = _FrontLink(secrets.token_hex(8)) if self.config.connect is not None else None
+        self._job_prefix = link.job_prefix(self.config.name) if self.config.name else ""
         self._outbox: queue.SimpleQueue[tuple[str, int, protocol.Message]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -142,59 +144,56 @@ class Server:
     # -- life cycle ------------------------------------------------------------------------------
 
     def bind(self) -> str:
-        """Create the sockets and bind; returns the bound endpoint (a `:*` port resolved)."""
+        """Create the socket and bind (or connect to the front end); returns the endpoint (a bound
+        `:*` port resolved)."""
         cfg = self.config
-        check_security(cfg)
+        check_worker_config(cfg)
         self._context = zmq.Context()
-        router = self._context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.SNDHWM, 100_000)
-        # Frames above this are refused by libzmq before it allocates them (the peer is dropped).
-        router.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_video_bytes, cfg.max_header_bytes))
-        router.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        if cfg.server_keys is not None:
-            self._start_authenticator()
-            router.curve_server = True
-            router.curve_publickey, router.curve_secretkey = cfg.server_keys
+        if cfg.connect is not None:
+            self._socket = self._connect_to_front()
+            self.address = cfg.connect
+            return self.address
         try:
-            router.bind(cfg.bind)
-        except zmq.ZMQError as exc:
-            router.close(0)
+            self._socket, self._auth = open_listener(self._context, cfg)
+        except BaseException:
             self._close_context()
-            raise OSError(f"cannot bind {cfg.bind}: {exc}") from exc
-        self._router = router
-        self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            raise
+        self.address = bound_address(self._socket)
         return self.address
 
-    def _start_authenticator(self) -> None:
-        from zmq.auth import CURVE_ALLOW_ANY
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._auth = ThreadAuthenticator(self._context, log=logging.getLogger("com4d.backend.auth"))
-        self._auth.start()
-        if self.config.authorized_clients is not None:
-            self._auth.configure_curve(domain="*", location=str(self.config.authorized_clients))
-        else:
-            self._auth.configure_curve(domain="*", location=CURVE_ALLOW_ANY)
+    def _connect_to_front(self) -> zmq.Socket:
+        cfg = self.config
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 1000)  # time for the goodbye
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # while the front end is away nothing queues: clients fetch later
+        dealer.setsockopt(zmq.SNDHWM, 100_000)
+        dealer.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_upload_bytes, cfg.max_header_bytes))
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        dealer.connect(cfg.connect)
+        return dealer
 
     def serve_forever(self) -> None:
         """Recover the store, start the worker and answer messages until `stop()`."""
-        if self._router is None:
+        if self._socket is None:
             self.bind()
         interrupted = self.store.recover()
         if interrupted:
             log.info("marked unfinished jobs as interrupted: %s", ", ".join(interrupted))
         self.worker.start()
-        log.info("serving on %s (device %s)", self.address, self.config.device)
+        if self._link is None:
+            log.info("serving on %s (device %s)", self.address, self.config.device)
+        else:
+            log.info("worker %s on %s, joining the front end at %s", self.config.name, self.config.device, self.address)
         try:
             self._loop()
         finally:
             self.worker.stop()
             self._flush_outbox()
-            self._router.close(0)
-            self._router = None
+            if self._link is not None:
+                self._send_link("worker_bye", name=self.config.name, instance=self._link.instance)
+            self._socket.close(None if self._link is not None else 0)
+            self._socket = None
             self._close_context()
             self._wake_r.close()
             self._wake_w.close()
@@ -246,10 +245,13 @@ class Server:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        tick_ms = 200 if self._link is None else int(min(200, self.config.heartbeat_s * 500))
         while not self._stop.is_set():
-            ready = dict(poller.poll(200))
+            if self._link is not None:
+                self._announce()
+            ready = dict(poller.poll(tick_ms))
             if self._wake_r.fileno() in ready or self._wake_r in ready:
                 try:
                     while self._wake_r.recv(4096):
@@ -257,10 +259,10 @@ class Server:
                 except (BlockingIOError, InterruptedError):
                     pass
             self._flush_outbox()
-            if self._router in ready:
+            if self._socket in ready:
                 for _ in range(64):  # a bounded batch, then events get their turn again
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._handle(frames)
@@ -280,32 +282,105 @@ class Server:
     def _send(self, identity: bytes, message: protocol.Message) -> bool:
         """Send to one peer; False (and its subscriptions dropped) if it is gone or not reading."""
         try:
-            self._router.send_multipart([identity, *protocol.encode(message)], copy=False, flags=zmq.NOBLOCK)
+            self._socket.send_multipart([identity, *protocol.encode(message)], copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            log.warning("client %s is not reading; its subscriptions are dropped", identity.hex())
+            if self._link is None:
+                log.warning("client %s is not reading; its subscriptions are dropped", identity.hex())
+            else:
+                log.warning("the front end is not reachable; client %s must fetch its jobs again", identity.hex())
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-        for subs in self._subs.values():
-            subs.pop(identity, None)
+        self._drop_client(identity)
         return False
 
+    def _drop_client(self, identity: bytes) -> None:
+        for subs in self._subs.values():
+            subs.pop(identity, None)
+
     def _flush_outbox(self) -> None:
+        finished = False
         while True:
             try:
                 job, seq, message = self._outbox.get_nowait()
             except queue.Empty:
-                return
+                break
             subs = self._subs.get(job, {})
             for identity, sub in list(subs.items()):
                 if seq > sub.after_seq:
                     self._send(identity, dataclasses.replace(message, id=sub.request_id))
             if message.type in protocol.FINAL_TYPES:
                 self._subs.pop(job, None)
+                finished = True
+        if finished and self._link is not None:
+            self._announce(now=True)  # the queue is shorter: tell the front end at once
+
+    # -- behind a front end (backend/link.py) ----------------------------------------------------
+
+    def _send_link(self, type_: str, **fields: Any) -> None:
+        try:
+            self._socket.send_multipart(link.message(type_, **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected (yet): the next heartbeat tries again
+
+    def _announce(self, now: bool = False) -> None:
+        """`worker_ready` until welcomed, then a `worker_heartbeat` every `heartbeat_s` (or `now`)."""
+        state, cfg = self._link, self.config
+        interval = cfg.heartbeat_s if state.welcomed or state.refusal else min(cfg.heartbeat_s, 0.25)
+        clock = time.monotonic()
+        if not now and clock - state.last_sent < interval:
+            return
+        state.last_sent = clock
+        snap = self.worker.snapshot()
+        self._send_link(
+            "worker_heartbeat" if state.welcomed else "worker_ready",
+            name=cfg.name,
+            instance=state.instance,
+            protocol=protocol.PROTOCOL_VERSION,
+            heartbeat_s=cfg.heartbeat_s,
+            device=cfg.device,
+            max_queue=cfg.max_queue,
+            length=snap["length"],
+            queued=len(snap["queued"]),
+            running=snap["running"],
+        )
+
+    def _on_link(self, frames: list[zmq.Frame]) -> bool:
+        """Handle the front end's own link messages; False for anything else (its fanned-out
+        `hello`, `ping` and `list_jobs`, answered like any client's)."""
+        try:
+            msg = protocol.decode(frames, self.config.limits)
+            if msg.type not in link.FRONT_MESSAGES:
+                return False
+            link.check(msg, link.FRONT_MESSAGES)
+        except protocol.ProtocolError as exc:
+            log.warning("ignored a bad message from the front end: %s", exc)
+            return True
+        state = self._link
+        if msg.type == "worker_welcome":
+            # A (re)registration: the front end is new or had given this worker up and told its
+            # clients so; either way the old subscriptions are nobody's any more.
+            self._subs.clear()
+            state.welcomed, state.refusal, state.paths_allowed = True, None, msg["paths_allowed"]
+            log.info("joined %s (file paths %s)", msg["front"], "allowed" if msg["paths_allowed"] else "refused")
+        elif msg.type == "worker_refused":
+            if state.refusal != msg["message"]:
+                log.warning("the front end refuses this worker (%s): %s", msg["code"], msg["message"])
+            state.welcomed, state.refusal = False, msg["message"]
+        else:
+            self._drop_client(msg["client"])
+        return True
+
+    @property
+    def paths_allowed(self) -> bool:
+        """Whether `submit` may give file paths: the clients are on this machine."""
+        return self.config.loopback if self._link is None else self._link.paths_allowed
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
+        if self._link is not None and identity == link.CONTROL and self._on_link(frames[1:]):
+            return
         message: protocol.Message | None = None
         try:
             message = protocol.decode(frames[1:], self.config.limits, direction="request")
@@ -357,7 +432,7 @@ class Server:
                 gpu_total_bytes=total,
                 queue=self.worker.snapshot(),
                 limits=limits,
-                paths_allowed=cfg.loopback,
+                paths_allowed=self.paths_allowed,
             ),
         )
 
@@ -441,7 +516,7 @@ class Server:
         else:
             request, source = self._check_submit(msg), None
         label = msg.get("label")
-        record = self.store.new_job(label[:200] if label else None)
+        record = self.store.new_job(label[:200] if label else None, prefix=self._job_prefix)
         try:
             if source is not None:
                 self.store.copy_inputs(source, record.job)
@@ -455,6 +530,8 @@ class Server:
         self.store.update(record.job, request=request)
         self._subs.setdefault(record.job, {})[identity] = _Subscriber(msg.id, 0)
         position = self.worker.enqueue(record.job)
+        if self._link is not None:
+            self._announce(now=True)  # before `accepted`: the front end never counts this job too few
         self._send(identity, protocol.make("accepted", msg.id, job=record.job, position=position))
 
     def _check_resubmit(self, msg: protocol.Message) -> dict[str, Any]:
@@ -462,8 +539,8 @@ class Server:
         request = dict(source.request)
         if not request:
             raise Rejected("bad_input", f"job {source.job} has no stored request to run again")
-        if any("path" in (request.get(k) or {}) for k in ("video", "masks")) and not self.config.loopback:
-            raise Rejected("forbidden", "that job reads a file path, which a non-loopback server refuses")
+        if any("path" in (request.get(k) or {}) for k in ("video", "masks")) and not self.paths_allowed:
+            raise Rejected("forbidden", "that job reads a file path, which a non-loopback backend refuses")
         if msg.get("params") is not None:
             request["params"] = self._checked_params(msg["params"], request)
         request["resubmitted_from"] = source.job
@@ -496,10 +573,10 @@ class Server:
         return request
 
     def _check_path(self, given: Any, what: str) -> Path:
-        if not self.config.loopback:
+        if not self.paths_allowed:
             raise Rejected(
                 "forbidden",
-                f"this server is not on a loopback address, so it takes no file paths; upload the {what} instead",
+                f"this backend is not on a loopback address, so it takes no file paths; upload the {what} instead",
             )
         if not isinstance(given, str) or not given or "\0" in given:
             raise Rejected("bad_field", f"the {what} path must be a non-empty string")

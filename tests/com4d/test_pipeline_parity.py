@@ -19,7 +19,7 @@ from com4d.inputs import load_inputs  # noqa: E402
 from com4d.pipeline import COM4DPipeline, ReconstructionParams  # noqa: E402
 
 
-def params_from_sidecar(side: dict) -> ReconstructionParams:
+def params_from_sidecar(side: dict, tensors: dict) -> ReconstructionParams:
     entry = side["params"]["infer_json_entry"]
     cli = side["params"]["cli"]
     return ReconstructionParams(
@@ -33,8 +33,9 @@ def params_from_sidecar(side: dict) -> ReconstructionParams:
         dynamic_max_memory_frames=entry["dynamic_max_memory_frames"],
         scene_mix_cutoff=entry["scene_mix_cutoff"],
         dynamic_mix_cutoff=entry["dynamic_mix_cutoff"],
-        # The official __call__ ignores --scene_steps (quirk 1) and runs its default of 50 steps.
-        scene_steps=50,
+        # The official __call__ ignores --scene_steps (quirk 1): the steps it really ran are the
+        # recorded stage-A calls.
+        scene_steps=tensors["stageA_x_in"].shape[0],
         dynamic_steps=cli["dynamic_steps"],
         scene_guidance=cli["scene_guidance"],
         dynamic_guidance=cli["dynamic_guidance"],
@@ -67,7 +68,7 @@ def run(official):
     def trace(stage, window, step, x, cond, uncond):
         calls[(stage, window, step)] = (x.clone(), cond.clone(), uncond.clone())
 
-    latents = pipe.sample(inputs, params_from_sidecar(side), noise=noise, trace=trace)
+    latents = pipe.sample(inputs, params_from_sidecar(side, t), noise=noise, trace=trace)
     return pipe, latents, calls
 
 
