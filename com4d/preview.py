@@ -25,12 +25,25 @@ def _view(vertices: np.ndarray, elevation_deg: float = 15.0) -> np.ndarray:
     return vertices @ rot.T
 
 
+def view_box(meshes: list[tuple[np.ndarray, np.ndarray, list[float]]]) -> tuple[float, float, float]:
+    """(centre x, centre y, half size) of the square that frames every mesh as seen by the camera."""
+    pts = [_view(np.asarray(v, dtype=np.float64)) for v, f, _ in meshes if len(f)]
+    if not pts:
+        return 0.0, 0.0, 1.05
+    allp = np.concatenate(pts)
+    lo, hi = allp[:, :2].min(0), allp[:, :2].max(0)
+    centre = (lo + hi) / 2
+    return float(centre[0]), float(centre[1]), float(max(hi - lo) / 2 * 1.08 + 1e-3)
+
+
 def render_meshes(
     meshes: list[tuple[np.ndarray, np.ndarray, list[float]]],
     size: int = 384,
     background: tuple[int, int, int] = (245, 245, 245),
+    box: tuple[float, float, float] = (0.0, 0.0, 1.05),
 ) -> Image.Image:
-    """Render (vertices (V,3), faces (F,3), rgb 0..1) triples into one image of the [-1,1] cube."""
+    """Render (vertices (V,3), faces (F,3), rgb 0..1) triples; `box` = (cx, cy, half size) of the
+    square of the view plane shown (default: the whole canonical cube)."""
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     tris, depths, colors = [], [], []
@@ -54,8 +67,9 @@ def render_meshes(
     depth = np.concatenate(depths)
     color = np.concatenate(colors)
     xy = np.empty(tri.shape[:2] + (2,))
-    xy[..., 0] = (tri[..., 0] + 1.05) / 2.1 * size
-    xy[..., 1] = (1.05 - tri[..., 1]) / 2.1 * size
+    cx, cy, half = box
+    xy[..., 0] = (tri[..., 0] - cx + half) / (2 * half) * size
+    xy[..., 1] = (cy + half - tri[..., 1]) / (2 * half) * size
     for i in np.argsort(depth):  # far (small z) first: the camera sits at +z
         draw.polygon([tuple(p) for p in xy[i]], fill=tuple(int(c) for c in color[i]))
     return image
@@ -70,6 +84,14 @@ def render_scene_preview(writer: SceneWriter, path: Path, size: int = 384, max_f
     ]
     frames = writer.frames
     picks = sorted({frames[round(i * (len(frames) - 1) / max(1, max_frames - 1))] for i in range(max_frames)})
+    everything = statics + [
+        (*geom, o.color)
+        for o in writer.objects
+        if o.role == "dynamic"
+        for f in picks
+        if (geom := writer.geometry(o.name, f)) is not None
+    ]
+    box = view_box(everything)  # one framing for every panel, so motion shows
     panels = []
     for f in picks:
         dyn = [
@@ -77,7 +99,7 @@ def render_scene_preview(writer: SceneWriter, path: Path, size: int = 384, max_f
             for o in writer.objects
             if o.role == "dynamic" and (geom := writer.geometry(o.name, f)) is not None
         ]
-        panel = render_meshes(statics + dyn, size)
+        panel = render_meshes(statics + dyn, size, box=box)
         ImageDraw.Draw(panel).text((6, 4), f"frame {f}", fill=(60, 60, 60))
         panels.append(panel)
     sheet = Image.new("RGB", (size * len(panels), size), (255, 255, 255))
