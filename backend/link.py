@@ -69,8 +69,7 @@ def check_worker_name(name: Any) -> str:
     """`name` if it can start job ids; ValueError saying what a name may hold otherwise."""
     if not isinstance(name, str) or not WORKER_NAME.match(name):
         raise ValueError(
-            f"worker name {name!r:.40} is not allowed: use a letter, then up to 31 letters, digits or '_' "
-            "(e.g. gpu0)"
+            f"worker name {name!r:.40} is not allowed: use a letter, then up to 31 letters, digits or '_' (e.g. gpu0)"
         )
     return name
 
