@@ -21,7 +21,10 @@ from .conftest import ROOT, write_video
 
 pytestmark = pytest.mark.slow
 
-WEIGHTS = Path("/work/shared/fixtures/parity/weights")
+sys.path.insert(0, str(ROOT / "tests"))
+from parity_utils import parity_dir  # noqa: E402
+
+WEIGHTS = parity_dir() / "weights"
 TIMEOUT_S = 150
 
 

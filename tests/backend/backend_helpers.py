@@ -20,10 +20,12 @@ from backend.server import Server, ServerConfig
 from backend.store import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("COM4D_FIXTURES", "/work/shared/fixtures"))
-TINY_WEIGHTS = FIXTURES / "parity" / "weights"
+sys.path.insert(0, str(REPO / "tests"))
+from parity_utils import parity_dir  # noqa: E402  (COM4D_PARITY_DIR, default ../shared/fixtures/parity)
+
+TINY_WEIGHTS = parity_dir() / "weights"
 BUNDLED_WEIGHTS = REPO / "com4d" / "assets" / "demo" / "weights"
-TINY_MASKS = FIXTURES / "parity" / "cases" / "pipeline_tiny_inputs"  # frames/ + masks/ (5 frames, 1 object)
+TINY_MASKS = parity_dir() / "cases" / "pipeline_tiny_inputs"  # frames/ + masks/ (5 frames, 1 object)
 
 # A job of the tiny model that takes a few seconds on two CPU cores: 3 frames, 2 denoising steps per
 # stage, a coarse meshing grid, small conditioning images, no preview.
@@ -50,7 +52,7 @@ def weights_dir() -> Path:
     for candidate in (TINY_WEIGHTS, BUNDLED_WEIGHTS):
         if (candidate / "COM4D").is_dir() and (candidate / "TripoSG").is_dir():
             return candidate
-    pytest.skip("no tiny weights (set COM4D_FIXTURES or build com4d/assets/demo/weights)")
+    pytest.skip("no tiny weights (set COM4D_PARITY_DIR or build com4d/assets/demo/weights)")
 
 
 def masks_dir() -> Path:
