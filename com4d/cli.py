@@ -152,7 +152,6 @@ def run_reconstruct(args: argparse.Namespace, weights: Path, request, params, ou
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from com4d.pipeline import ReconstructionRequest
-    from com4d.segment.prompts import load_prompts  # noqa: F401  (validates early below)
 
     source = Path(args.input)
     request = ReconstructionRequest()

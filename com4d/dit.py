@@ -92,27 +92,19 @@ class TimestepProjection(nn.Module):
 
 
 class CellContext:
-    """The image tokens each cell cross-attends to, with K/V cached per block.
+    """The image tokens each cell cross-attends to.
 
     `features` (U, Lc, Dc) holds U distinct token sets (e.g. one full frame shared by every static
     row); `index` (B,) says which set cell b reads. Each block computes K/V once per distinct set
-    rather than once per cell (the official code does the latter). `cache=True` also keeps them
-    across denoising steps: it saves under 1 % of a step's FLOPs at the real size but holds
-    21 blocks x U x Lc x 2D values (about 5.6 GiB for a stage-B window in fp16), so it is off.
+    rather than once per cell (the official code does the latter). They are not kept across
+    denoising steps: that would save under 1 % of a step's FLOPs at the real size but hold
+    21 blocks x U x Lc x 2D values (about 8 GiB for a stage-B window in fp16).
     """
 
-    def __init__(
-        self,
-        features: torch.Tensor,
-        index: torch.Tensor | None = None,
-        zero: bool = False,
-        cache: bool = False,
-    ):
+    def __init__(self, features: torch.Tensor, index: torch.Tensor | None = None, zero: bool = False):
         self.features = features  # (U, Lc, Dc)
         self.index = torch.arange(features.shape[0], device=features.device) if index is None else index
         self.zero = zero
-        self.cache = cache
-        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._buckets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
@@ -126,23 +118,16 @@ class CellContext:
         return cls(feats, torch.zeros(cells, dtype=torch.long, device=device), zero=True)
 
     def subset(self, cells: torch.Tensor) -> CellContext:
-        """The same contexts for a subset of the cells, sharing the cached K/V."""
-        sub = CellContext(self.features, self.index[cells], self.zero, self.cache)
-        sub._kv = self._kv
-        return sub
+        """The same contexts for a subset of the cells."""
+        return CellContext(self.features, self.index[cells], self.zero)
 
     @classmethod
     def per_cell(cls, tokens: torch.Tensor) -> CellContext:
         """(M, N, Lc, Dc) or (B, Lc, Dc) tokens, one set per cell (no sharing)."""
         return cls(tokens.reshape(-1, *tokens.shape[-2:]))
 
-    def keys_values(self, block: int, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-        if block in self._kv:
-            return self._kv[block]
-        kv = attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # 2 x (U, H, Lc, hd)
-        if self.cache:
-            self._kv[block] = kv
-        return kv
+    def keys_values(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        return attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # 2 x (U, H, Lc, hd)
 
     def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cells grouped by the context they read, bucketed by group size: [(ctx (G,), cells (G, n))]."""
@@ -165,14 +150,14 @@ class CellContext:
         return self._buckets
 
 
-def cross_attention(attn: Attention, x: torch.Tensor, ctx: CellContext, block: int) -> torch.Tensor:
+def cross_attention(attn: Attention, x: torch.Tensor, ctx: CellContext) -> torch.Tensor:
     """Per-cell cross-attention. Cells reading the same context are batched as one query sequence
     (exact: every query attends to the context independently). x: (B, L, D) -> (B, L, D)."""
     if ctx.zero:  # K = V = 0: uniform weights over zero values, so the output is to_out's bias
         bias = attn.to_out[0].bias
         return bias.expand_as(x) if bias is not None else torch.zeros_like(x)
     q = attn.query(x)  # (B, H, L, hd)
-    k, v = ctx.keys_values(block, attn)  # (U, H, Lc, hd)
+    k, v = ctx.keys_values(attn)  # (U, H, Lc, hd)
     B, H, L, hd = q.shape
     out = torch.empty_like(q)
     for ctx_ids, cells in ctx.buckets():
@@ -204,14 +189,13 @@ class DiTBlock(nn.Module):
         self,
         h: torch.Tensor,
         ctx: CellContext,
-        block: int,
         groups: routing.Groups | None,
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if skip is not None:
             h = self.skip_norm(self.skip_linear(torch.cat([skip, h], dim=-1)))  # (B, L, D)
         h = h + self.attn1(self.norm1(h), groups=groups)  # (B, L, D)
-        h = h + cross_attention(self.attn2, self.norm2(h), ctx, block)  # (B, L, D)
+        h = h + cross_attention(self.attn2, self.norm2(h), ctx)  # (B, L, D)
         # The feed-forward acts per token: run it on slices of cells so its 4x-wide hidden layer
         # never exists for the whole grid at once (the largest transient of a block).
         step = max(1, FF_CHUNK_TOKENS // h.shape[1])
@@ -267,7 +251,7 @@ class COM4DTransformer(nn.Module):
         mid = self.cfg.num_layers // 2
         stack = []
         for i, block in enumerate(self.blocks):
-            h = block(h, contexts[i], i, groups[i], skip=stack.pop() if i > mid else None)  # (B, L, D)
+            h = block(h, contexts[i], groups[i], skip=stack.pop() if i > mid else None)  # (B, L, D)
             if i < mid:
                 stack.append(h)
         return h

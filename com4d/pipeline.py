@@ -460,28 +460,6 @@ class COM4DPipeline:
             return params.scene_num_parts
         return max(1, len(inputs.static_names))
 
-    # -- meshing ----------------------------------------------------------------------------------
-
-    def mesh_latent(self, latent: torch.Tensor, params: ReconstructionParams):
-        """One latent (T, C) -> (trimesh mesh or None, field function); the grids are freed on return.
-
-        The band test runs in float16 as in the official (fp16) pipeline. Faces are flipped to wind
-        outwards: the official marching-cubes faces wind inwards on a positive-inside field, which
-        renders inside-out in Blender and glTF viewers; vertices and triangles are otherwise the same.
-        """
-        from com4d import meshing
-
-        field_fn = self.vae.field_fn(latent)
-        result = meshing.extract_mesh(
-            field_fn,
-            dense_depth=params.mesh_dense_depth,
-            final_depth=params.mesh_final_depth,
-            band_dtype=torch.float16,
-            device=self.vae.device,
-        )
-        mesh = meshing.flip_winding(result.mesh) if result.mesh is not None else None
-        return mesh, field_fn
-
     # -- the whole job ----------------------------------------------------------------------------
 
     def prepare_inputs(

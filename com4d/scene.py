@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import trimesh
 
+from com4d.meshing import write_glb
+
 SCENE_FORMAT = "com4d-scene"
 SCENE_VERSION = 1
 
@@ -60,12 +62,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def mesh_to_glb(vertices: np.ndarray, faces: np.ndarray, color: list[float] | None = None) -> bytes:
+def colored_mesh(vertices: np.ndarray, faces: np.ndarray, color: list[float]) -> trimesh.Trimesh:
+    """A trimesh with one RGB (0..1) colour on every face, vertices and faces as given."""
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
-    if color is not None:
-        rgba = np.array([*(int(c * 255) for c in color), 255], dtype=np.uint8)
-        mesh.visual.face_colors = np.tile(rgba, (len(faces), 1))
-    return mesh.export(file_type="glb")
+    rgba = np.array([*(int(c * 255) for c in color), 255], dtype=np.uint8)
+    mesh.visual.face_colors = np.tile(rgba, (len(faces), 1))
+    return mesh
 
 
 @dataclass
@@ -124,11 +126,7 @@ class SceneWriter:
         return next(o for o in self.objects if o.role == role and o.index == index)
 
     def _write_mesh(self, rel: str, obj: SceneObject, vertices: np.ndarray, faces: np.ndarray) -> None:
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(mesh_to_glb(vertices, faces, obj.color))
-        os.replace(tmp, path)
+        write_glb(colored_mesh(vertices, faces, obj.color), self.out / rel)
 
     def add_static(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         obj = self.get("static", index)
@@ -180,22 +178,15 @@ class SceneWriter:
             scene = trimesh.Scene()
             for o, geom in statics:
                 if geom is not None and len(geom[1]):
-                    scene.add_geometry(self._colored(geom, o.color), node_name=o.name, geom_name=o.name)
+                    scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
             for o in self.objects:
                 geom = self._geometry.get((o.name, frame)) if o.role == "dynamic" else None
                 if geom is not None and len(geom[1]):
-                    scene.add_geometry(self._colored(geom, o.color), node_name=o.name, geom_name=o.name)
+                    scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
             path = self.out / "frames" / f"frame_{frame:06d}.glb"
             path.parent.mkdir(parents=True, exist_ok=True)
             if scene.geometry:
                 path.write_bytes(scene.export(file_type="glb"))
-
-    @staticmethod
-    def _colored(geom: tuple[np.ndarray, np.ndarray], color: list[float]) -> trimesh.Trimesh:
-        mesh = trimesh.Trimesh(vertices=geom[0], faces=geom[1], process=False)
-        rgba = np.array([*(int(c * 255) for c in color), 255], dtype=np.uint8)
-        mesh.visual.face_colors = np.tile(rgba, (len(geom[1]), 1))
-        return mesh
 
     def geometry(self, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         return self._geometry.get((name, -1 if frame is None else frame))
