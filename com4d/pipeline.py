@@ -589,6 +589,14 @@ class ReconstructionRun:
             render_scene_preview(self.writer, self.out / "preview.png")
 
     def execute(self, noise: dict[str, torch.Tensor] | None, started: float) -> SceneResult:
+        if self.plan.windows and self.params.dynamic_ar_block_size > self.params.dynamic_max_memory_frames:
+            # accepted like the official code, which trims all history and only warns
+            self.on_event(WarningEvent(
+                code="block_exceeds_memory",
+                message=f"dynamic_ar_block_size {self.params.dynamic_ar_block_size} exceeds "
+                        f"dynamic_max_memory_frames {self.params.dynamic_max_memory_frames}: windows keep no "
+                        "history, so consecutive blocks are not linked",
+            ))
         try:
             self.sample_and_mesh(noise)
             if self.params.topology == "tracked":
