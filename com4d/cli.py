@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from com4d.errors import COM4DError
+from com4d.segment.cli import add_segment_parser
 
 RECONSTRUCT_EXAMPLE = """examples:
   com4d reconstruct clip/ --weights ~/weights --out out/          # clip/ has frames/ and masks/
@@ -222,12 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruction_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    try:
-        from com4d.segment.cli import add_segment_parser
-    except ImportError:  # pragma: no cover - the segmentation extra is part of the base install
-        pass
-    else:
-        add_segment_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 

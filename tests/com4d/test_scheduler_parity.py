@@ -16,11 +16,8 @@ import torch
 from com4d.errors import ParameterError, WeightsError
 from com4d.scheduler import RectifiedFlowScheduler
 
-try:
-    from parity_utils import load_case, parity_dir
-except ImportError:  # tests/ is not on sys.path unless a conftest there puts it
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from parity_utils import load_case, parity_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity_utils import load_case, parity_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
