@@ -126,10 +126,13 @@ def test_bad_inputs_are_named(pipe, clip, tmp_path, breakage, message):
 def test_bad_parameters_are_named(pipe, clip, tmp_path):
     with pytest.raises(InputError, match="selects no frame"):
         pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
-                         ReconstructionParams.from_dict({**FAST, "frame_start": 50}), tmp_path / "o")
-    with pytest.raises(ParameterError, match="exceed the model's 8 objects"):
+                         ReconstructionParams.from_dict({**FAST, "frame_start": 50, "frame_end": None}), tmp_path / "o")
+    with pytest.raises(ParameterError, match=r"scene_num_parts must be in \[0, 8\]"):
         pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
                          ReconstructionParams.from_dict({**FAST, "scene_num_parts": 9}), tmp_path / "o")
+    with pytest.raises(ParameterError, match="8 static parts \\+ 1 dynamic objects exceed the model's 8 objects"):
+        pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
+                         ReconstructionParams.from_dict({**FAST, "scene_num_parts": 8}), tmp_path / "o")
     with pytest.raises(ParameterError, match="unknown parameter 'tokens'"):
         ReconstructionParams.from_dict({"tokens": 5})
     with pytest.raises(ParameterError, match="num_tokens must be an integer"):
