@@ -15,8 +15,9 @@ from com4d.cli import main as cli_main
 from com4d.demo import demo_paths
 from com4d.scene import load_scene
 
-TINY = ["--tokens", "16", "--scene-steps", "2", "--dynamic-steps", "2", "--mix-cutoff", "0", "--block-size", "2",
-        "--memory-frames", "3", "--mesh-depth", "4:5", "--device", "cpu", "--quiet", "--no-preview"]
+TINY = ["--num-tokens", "16", "--scene-steps", "2", "--dynamic-steps", "2", "--dynamic-mix-cutoff", "0",
+        "--dynamic-ar-block-size", "2", "--dynamic-max-memory-frames", "3", "--mesh-dense-depth", "4",
+        "--mesh-final-depth", "5", "--device", "cpu", "--quiet", "--no-preview"]
 
 
 @pytest.fixture()
@@ -35,7 +36,7 @@ def test_video_plus_masks_folder(tmp_path, demo_video):
     video, masks = demo_video
     out = tmp_path / "out"
     code = cli_main(["reconstruct", str(video), "--masks", str(masks), "--weights", str(demo_paths()[0]),
-                     "--out", str(out), "--frames", "0:6:2", *TINY])
+                     "--out", str(out), "--frame-end", "6", *TINY])
     assert code == 0
     scene = load_scene(out)
     assert scene["status"] == "complete" and scene["frames"] == [0, 2, 4]
@@ -62,7 +63,7 @@ def test_video_plus_prompts_segments_then_reconstructs(tmp_path, demo_video, seg
     out = tmp_path / "out"
     code = cli_main(["reconstruct", str(video), "--prompts", str(tmp_path / "prompts.json"),
                      "--sam", str(seg_tiny_sam_checkpoint), "--weights", str(demo_paths()[0]), "--out", str(out),
-                     "--frames", "0:4:1", "--allow-lost", *TINY])
+                     "--frame-end", "4", "--frame-stride", "1", "--allow-lost", *TINY])
     assert code == 0
     scene = load_scene(out)
     assert scene["status"] == "complete" and scene["frames"] == [0, 1, 2, 3]
