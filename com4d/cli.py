@@ -11,13 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from com4d.errors import COM4DError
+from com4d.errors import COM4DError, ParameterError
+from com4d.official_config import load_entry
+from com4d.params import ReconstructionParams, add_arguments, from_namespace
+from com4d.segment.cli import add_segment_parser
 
 RECONSTRUCT_EXAMPLE = """examples:
   com4d reconstruct clip/ --weights ~/weights --out out/          # clip/ has frames/ and masks/
   com4d reconstruct clip.mp4 --masks clip/ --weights ~/weights --out out/
   com4d reconstruct clip.mp4 --prompts prompts.json --sam sam_vit_h.pth --weights ~/weights --out out/
-  com4d reconstruct clip/ --weights ~/weights --out out/ --frames 0:81:2 --tokens 1024 --topology tracked
+  com4d reconstruct clip/ --weights ~/weights --out out/ --frame-end 81 --num-tokens 1024 --topology tracked
+  com4d reconstruct assets/teaser --config infer.json:teaser2048 --weights ~/weights --out out/  # official entry
 
 ~/weights holds TripoSG/ (hf download VAST-AI/TripoSG) and COM4D/ (hf download INSAIT-Institute/COM4D).
 """
@@ -27,73 +31,17 @@ DEMO_EXAMPLE = """example:
 """
 
 
-def _frames(spec: str) -> tuple[int, int | None, int]:
-    parts = spec.split(":")
-    if len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError("frames must be START:END or START:END:STRIDE (END may be empty)")
-    try:
-        start = int(parts[0] or 0)
-        end = int(parts[1]) if parts[1] else None
-        stride = int(parts[2]) if len(parts) == 3 and parts[2] else 2
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"bad frame range {spec!r}") from err
-    return start, end, stride
-
-
-def _depths(spec: str) -> tuple[int, int]:
-    try:
-        dense, final = (int(x) for x in spec.split(":"))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError("mesh depth must be DENSE:FINAL, e.g. 8:9") from err
-    return dense, final
-
-
 def add_reconstruction_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("reconstruction (defaults: the official teaser settings)")
-    g.add_argument("--frames", type=_frames, default=None, metavar="START:END[:STRIDE]",
-                   help="frames to reconstruct, as indices into the clip (default 0::2)")
-    g.add_argument("--stage-a-frame", type=int, default=None, help="frame index of the scene stage (default START)")
-    g.add_argument("--tokens", type=int, default=None, help="latent tokens per object (2048; 1024 is faster)")
-    g.add_argument("--scene-steps", type=int, default=None, help="denoising steps of stage A (50)")
-    g.add_argument("--dynamic-steps", type=int, default=None, help="denoising steps per stage-B window (50)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, both stages (7)")
-    g.add_argument("--static-parts", type=int, default=None,
-                   help="number of static latents (default: the static objects named in the input, else 1)")
-    g.add_argument("--block-size", type=int, default=None, help="new frames per stage-B window (6)")
-    g.add_argument("--memory-frames", type=int, default=None, help="frames per stage-B window incl. history (8)")
-    g.add_argument("--mix-cutoff", type=int, default=None, help="stage-B step after which objects stop mixing (20)")
-    g.add_argument("--seed", type=int, default=None, help="noise seed (0)")
-    g.add_argument("--topology", choices=["per_frame", "tracked"], default=None,
-                   help="per_frame: a mesh per frame (official); tracked: one deforming mesh per object")
-    g.add_argument("--mesh-depth", type=_depths, default=None, metavar="DENSE:FINAL",
-                   help="octree depths of mesh extraction (8:9 = 256^3 then 512^3)")
-    g.add_argument("--no-preview", action="store_true", help="skip preview.png")
-    g.add_argument("--allow-lost", action="store_true",
-                   help="with --prompts: keep going when segmentation loses an object on some frames")
+    g = p.add_argument_group(
+        "reconstruction (one flag per parameter of com4d/params.py; defaults follow the official sh/infer.sh, "
+        "except the stage-A frame and static parts, which the official teaser entry sets to 5 and 4)"
+    )
+    add_arguments(g)
 
 
-def params_from_args(args: argparse.Namespace, base: dict | None = None):
-    from com4d.pipeline import ReconstructionParams
-
-    values = dict(base or {})
-    if args.frames is not None:
-        values["frame_start"], values["frame_end"], values["frame_stride"] = args.frames
-    mapping = {
-        "stage_a_frame": args.stage_a_frame, "num_tokens": args.tokens, "scene_steps": args.scene_steps,
-        "dynamic_steps": args.dynamic_steps, "scene_num_parts": args.static_parts,
-        "dynamic_ar_block_size": args.block_size, "dynamic_max_memory_frames": args.memory_frames,
-        "dynamic_mix_cutoff": args.mix_cutoff, "seed": args.seed, "topology": args.topology,
-    }
-    values.update({k: v for k, v in mapping.items() if v is not None})
-    if args.guidance is not None:
-        values["scene_guidance"] = values["dynamic_guidance"] = args.guidance
-    if args.mesh_depth is not None:
-        values["mesh_dense_depth"], values["mesh_final_depth"] = args.mesh_depth
-    if args.no_preview:
-        values["preview"] = False
-    if getattr(args, "allow_lost", False):
-        values["allow_lost"] = True
-    return ReconstructionParams.from_dict(values)
+def params_from_args(args: argparse.Namespace, base: dict | None = None) -> ReconstructionParams:
+    """Flags given on the command line over `base` (an infer.json entry or the demo's settings)."""
+    return from_namespace(args, base)
 
 
 class ProgressBar:
@@ -174,8 +122,28 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             f"{source} is a file: give --masks DIR (a folder with masks/) or --prompts FILE --sam CKPT",
             code="bad_input",
         )
-    params = params_from_args(args)
+    base = None
+    if args.config:
+        entry = load_entry(args.config)
+        check_dynamic_objects(entry.name, entry.dynamic_objects, request)
+        base = entry.params
+    params = params_from_args(args, base)
     return run_reconstruct(args, Path(args.weights), request, params, Path(args.out))
+
+
+def check_dynamic_objects(entry: str, expected: int | None, request) -> None:
+    """An infer.json entry's dynamic_num_parts must be the number of moving objects in the masks."""
+    from com4d.inputs import read_mask_sets
+
+    if expected is None or request.frames_dir is None:
+        return  # with --prompts the objects come from the prompts, not from an official masks folder
+    found = len(read_mask_sets(Path(request.frames_dir) / "masks"))
+    if found != expected:
+        raise ParameterError(
+            f"infer.json entry {entry!r} sets dynamic_num_parts={expected}, but "
+            f"{Path(request.frames_dir) / 'masks'} holds {found} moving object(s); "
+            "set dynamic_num_parts to the number of objects in masks/"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -211,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--masks", help="folder with masks/ (when INPUT is a video)")
     rec.add_argument("--prompts", help="prompts.json to segment INPUT with SAM first (needs --sam)")
     rec.add_argument("--sam", help="segment-anything checkpoint (vit_h, vit_l or vit_b)")
+    rec.add_argument("--config", metavar="FILE:ENTRY",
+                     help="take the settings of an official infer.json entry, e.g. infer.json:teaser2048 "
+                          "(flags given here override it)")
     common(rec, "cuda")
     add_reconstruction_options(rec)
     rec.set_defaults(func=cmd_reconstruct)
@@ -222,12 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruction_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    try:
-        from com4d.segment.cli import add_segment_parser
-    except ImportError:  # pragma: no cover - the segmentation extra is part of the base install
-        pass
-    else:
-        add_segment_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 

@@ -106,11 +106,31 @@ def _object_names(folder: Path, ids: list[int]) -> tuple[dict[int, str], list[st
     return names, statics
 
 
+def square_like_official(frame: np.ndarray, side: int) -> np.ndarray:
+    """A video frame as the official `sh/process_video.sh` turns it into a square `side` x `side` frame.
+
+    Its `pad_to_square.py` adds white margins, the left/top margin being the smaller half, then
+    `resize_images.py` resizes with PIL LANCZOS. Masks made on those frames (its gsam step) then fit.
+    Its last step, `center_by_mask_union.py`, shifts frames and masks together; masks after that step
+    no longer fit the video's frames, and only its own frames/ folder matches them.
+    """
+    h, w = frame.shape[:2]
+    size = max(h, w)
+    top, left = (size - h) // 2, (size - w) // 2
+    square = np.full((size, size, 3), 255, dtype=np.uint8)
+    square[top:top + h, left:left + w] = frame
+    if size == side:
+        return square
+    return np.asarray(Image.fromarray(square).resize((side, side), Image.Resampling.LANCZOS))
+
+
 def load_inputs(folder: str | Path, video: str | Path | None = None) -> SceneInputs:
     """Load an official input folder, or a video file plus a folder that holds `masks/`.
 
     Masks must exist for the same frame numbers for every object, each frame must have a mask of
-    every object, and masks must have the frame size.
+    every object, and masks must have the frame size. With a video, square masks (as the official
+    `sh/process_video.sh` makes them) are also accepted: the video's frames are then padded and resized
+    to them the way that script does (`square_like_official`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -134,6 +154,10 @@ def load_inputs(folder: str | Path, video: str | Path | None = None) -> SceneInp
         if absent:
             raise InputError(f"masks refer to frames {absent[:5]} that {video} does not have")
         frames = [by_number[n] for n in frame_numbers]
+        with Image.open(mask_sets[ids[0]][frame_numbers[0]]) as first_mask:
+            mask_w, mask_h = first_mask.size
+        if mask_w == mask_h and frames[0].shape[:2] != (mask_h, mask_w):
+            frames = [square_like_official(f, mask_w) for f in frames]
         fps, source = clip.fps, str(video)
     else:
         frames_dir = folder / "frames"
@@ -169,7 +193,9 @@ def load_inputs(folder: str | Path, video: str | Path | None = None) -> SceneInp
             m = _read_image(mask_sets[i][n], "L")
             if m.shape != (h, w):
                 raise InputError(
-                    f"mask {mask_sets[i][n]} is {m.shape[1]}x{m.shape[0]} but the frames are {w}x{h}"
+                    f"mask {mask_sets[i][n]} is {m.shape[1]}x{m.shape[0]} but the frames are {w}x{h}; give "
+                    "masks of the frames' size, or square masks made on the official padded frames "
+                    "(sh/process_video.sh before its centring step), which a video's frames are padded to"
                 )
             masks.append(m)  # 8-bit: the conditioning blends with mask/255 like the official code
         dynamic.append(DynamicObject(name=names[i], object_id=i, masks=masks))

@@ -1,8 +1,8 @@
 """Locate and load the golden parity fixtures (official COM4D/TripoSG numbers).
 
-The fixture folder comes from the environment variable ``COM4D_PARITY_DIR``; without it the default is
-``<repo root>/../shared/fixtures/parity`` (relative to the repository, not to the working directory), so
-tests give the same answer whichever directory pytest is started from.
+The fixture folder comes from the environment variable ``COM4D_PARITY_DIR``; without it the default is the
+copy kept in the repository, ``tests/fixtures/parity`` (found relative to this file, not to the working
+directory), so a fresh clone needs nothing beside it and tests give the same answer wherever pytest starts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENV_VAR = "COM4D_PARITY_DIR"
 
 
@@ -24,7 +24,12 @@ def parity_dir() -> Path:
     override = os.environ.get(ENV_VAR)
     if override:
         return Path(override).expanduser().resolve()
-    return (REPO_ROOT.parent / "shared" / "fixtures" / "parity").resolve()
+    return FIXTURES / "parity"
+
+
+def state_dict_keys_file() -> Path:
+    """The official checkpoint key list (names and shapes of every tensor), kept in tests/fixtures/."""
+    return FIXTURES / "com4d_state_dict_keys.txt"
 
 
 def load_case(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ from backend.store import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from parity_utils import parity_dir  # noqa: E402  (COM4D_PARITY_DIR, default ../shared/fixtures/parity)
+from parity_utils import parity_dir  # noqa: E402  (COM4D_PARITY_DIR, default tests/fixtures/parity)
 
 TINY_WEIGHTS = parity_dir() / "weights"
 BUNDLED_WEIGHTS = REPO / "com4d" / "assets" / "demo" / "weights"

@@ -27,11 +27,8 @@ from com4d.conditioning import (
 )
 from com4d.errors import InputError, WeightsError
 
-try:
-    from parity_utils import load_case, parity_dir
-except ImportError:  # tests/ is not on sys.path unless a conftest there puts it
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from parity_utils import load_case, parity_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity_utils import load_case, parity_dir  # noqa: E402
 
 DEVICE = "cpu"
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from parity_utils import parity_dir  # noqa: E402
+from parity_utils import parity_dir, state_dict_keys_file  # noqa: E402
 
 from com4d.dit import COM4DTransformer, DiTConfig  # noqa: E402
 from com4d.errors import WeightsError  # noqa: E402
@@ -33,9 +33,7 @@ def test_real_configs_have_the_released_parameter_counts():
 
 
 def test_key_names_match_the_official_checkpoint_list():
-    keys_file = Path(__file__).resolve().parents[2].parent / "shared" / "docs" / "com4d_state_dict_keys.txt"
-    if not keys_file.is_file():
-        pytest.skip("shared/docs/com4d_state_dict_keys.txt not present")
+    keys_file = state_dict_keys_file()  # in the repository: a missing file fails here, it never skips
     official = {}
     section = None
     for line in keys_file.read_text().splitlines():
@@ -118,13 +116,16 @@ def test_wrong_shape_names_the_file_and_the_tensor(tmp_path):
 
 
 def test_missing_and_unknown_tensors_are_named(tmp_path):
+    # the first block after the middle one has a long skip, whatever the depth of the fixture's model
+    skip_block = json.loads((COM4D_DIT / "config.json").read_text())["num_layers"] // 2 + 1
+
     def mutate(state, config):
-        del state["blocks.3.skip_norm.bias"]
+        del state[f"blocks.{skip_block}.skip_norm.bias"]
         state["extra.weight"] = torch.zeros(2)
         return state, config
 
     folder = make_folder(tmp_path, mutate)
-    with pytest.raises(WeightsError, match=r"blocks\.3\.skip_norm\.bias.*extra\.weight"):
+    with pytest.raises(WeightsError, match=rf"blocks\.{skip_block}\.skip_norm\.bias.*extra\.weight"):
         COM4DTransformer.from_pretrained(folder)
 
 

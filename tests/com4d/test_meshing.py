@@ -56,6 +56,16 @@ def mesh_args(side: dict) -> dict:
     }
 
 
+def dense_name(side: dict) -> str:
+    """Name of the dense-pass grid tensor; the fixture names it by its points per axis (2^depth)."""
+    return f"mesh_dense{2 ** side['params']['dense_octree_depth']}_field"
+
+
+def fine_name(side: dict) -> str:
+    """Name of the grid handed to marching cubes (2^final_depth points per axis)."""
+    return f"mesh_grid{2 ** side['params']['hierarchical_octree_depth']}_field"
+
+
 def grid_tol(side: dict) -> dict:
     tol = side["suggested_tolerance"]
     return {"atol": tol["atol"], "rtol": tol["rtol"]}
@@ -65,15 +75,15 @@ def test_dense_pass_matches_official(case, field_fn):
     side, t = case
     args = mesh_args(side)
     dense = dense_field(field_fn, 2 ** args["dense_depth"], args["bounds"])
-    assert dense.shape == tuple(side["tensors"]["mesh_dense16_field"]["shape"])
-    torch.testing.assert_close(dense, t["mesh_dense16_field"], **grid_tol(side))
+    assert dense.shape == tuple(side["tensors"][dense_name(side)]["shape"])
+    torch.testing.assert_close(dense, t[dense_name(side)], **grid_tol(side))
 
 
 def test_refined_grid_handed_to_marching_cubes_matches_official(case, field_fn):
     side, t = case
     grid, counts = hierarchical_field(field_fn, band_dtype=FIXTURE_BAND_DTYPE, **mesh_args(side))
-    assert grid.shape == tuple(side["tensors"]["mesh_grid32_field"]["shape"])
-    torch.testing.assert_close(grid, t["mesh_grid32_field"], **grid_tol(side))
+    assert grid.shape == tuple(side["tensors"][fine_name(side)]["shape"])
+    torch.testing.assert_close(grid, t[fine_name(side)], **grid_tol(side))
     geometry_pass = side["mesh"]["query_counts"][: len(counts)]
     assert counts == geometry_pass
 
@@ -81,7 +91,7 @@ def test_refined_grid_handed_to_marching_cubes_matches_official(case, field_fn):
 def test_marching_cubes_maps_vertices_as_official(case):
     side, t = case
     args = mesh_args(side)
-    vertices, faces = marching_cubes(t["mesh_grid32_field"], args["bounds"], args["final_depth"])
+    vertices, faces = marching_cubes(t[fine_name(side)], args["bounds"], args["final_depth"])
     assert vertices.dtype == np.float32
     np.testing.assert_array_equal(faces, t["mesh_faces"].numpy())
     np.testing.assert_allclose(vertices, t["mesh_vertices"].numpy(), rtol=0, atol=1e-6)
@@ -107,7 +117,7 @@ def test_extracted_mesh_matches_official_counts_faces_and_vertices(case, field_f
 def test_keep_grid_returns_the_marching_cubes_input(case, field_fn):
     side, t = case
     result = extract_mesh(field_fn, band_dtype=FIXTURE_BAND_DTYPE, keep_grid=True, **mesh_args(side))
-    torch.testing.assert_close(result.grid, t["mesh_grid32_field"], **grid_tol(side))
+    torch.testing.assert_close(result.grid, t[fine_name(side)], **grid_tol(side))
 
 
 def test_fp16_band_keeps_only_unsaturated_logits():

@@ -173,8 +173,9 @@ def test_weights_folder_missing_a_component_is_named(tmp_path):
 def test_cli_reconstruct_runs_the_official_folder_layout(tmp_path, clip, capsys):
     out = tmp_path / "o"
     args = ["reconstruct", str(clip), "--weights", str(demo_paths()[0]), "--out", str(out), "--device", "cpu",
-            "--quiet", "--frames", "0:4:1", "--tokens", "16", "--scene-steps", "3", "--dynamic-steps", "2",
-            "--mix-cutoff", "0", "--block-size", "2", "--memory-frames", "3", "--mesh-depth", "4:5"]
+            "--quiet", "--frame-end", "4", "--frame-stride", "1", "--num-tokens", "16", "--scene-steps", "3",
+            "--dynamic-steps", "2", "--dynamic-mix-cutoff", "0", "--dynamic-ar-block-size", "2",
+            "--dynamic-max-memory-frames", "3", "--mesh-dense-depth", "4", "--mesh-final-depth", "5"]
     assert cli_main(args) == 0
     scene = json.loads((out / "scene.json").read_text())
     assert scene["status"] == "complete" and scene["frames"] == [0, 1, 2, 3]
