@@ -381,7 +381,8 @@ class Client:
         return self.request("submit", fields, files=files, timeout=timeout)["job"]
 
     def job_events(self, job: str, timeout: float | None = None) -> Iterator[protocol.Message]:
-        """Yield `job`'s messages until its `done` or `error` (included); other jobs' messages are
+        """Yield `job`'s messages until its `done` or `error` (included), or the `replay_end` of a
+        `fetch` without follow; other jobs' messages are
         kept for `poll()`. Raises BackendTimeout after `timeout` seconds without a message for it."""
         timeout = self.timeout if timeout is None else timeout
         while True:
@@ -389,7 +390,7 @@ class Client:
             if message is None:
                 raise BackendTimeout(f"no event for job {job} within {timeout:g} s")
             yield message
-            if message.type in protocol.FINAL_TYPES:
+            if message.type in protocol.FINAL_TYPES or message.type == "replay_end":
                 return
 
 
@@ -402,6 +403,8 @@ _REPLY_TYPES: dict[str, tuple[str, ...]] = {
     "status": ("job_status",),
     "list_jobs": ("jobs",),
     "fetch": ("job_status",),
+    "list_files": ("files",),
+    "get_file": ("file",),
 }
 
 

@@ -72,6 +72,16 @@ def collect_job(client: Client, job: str, timeout: float = 120.0) -> list:
     return list(client.job_events(job, timeout=timeout))
 
 
+def wait_for(client: Client, job: str, predicate, timeout: float = 60.0) -> list:
+    """Messages of `job` up to and including the first one that satisfies `predicate`."""
+    seen = []
+    for message in client.job_events(job, timeout=timeout):
+        seen.append(message)
+        if predicate(message):
+            return seen
+    raise AssertionError(f"the job ended without the awaited event: {[m.type for m in seen]}")
+
+
 def run_cli_server(store: Path, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """`python -m backend.cli serve` as a subprocess on a free loopback port; returns it and its address."""
     cmd = [
