@@ -244,7 +244,11 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
     },
     "jobs": {"jobs": _f("list", True)},
     "replay_end": {"job": _f("str", True), "state": _f("str", True)},
-    "files": {"job": _f("str", True), "state": _f("str", True), "files": _f("list", True)},
+    "file_list": {
+        "job": _f("str", True),
+        "state": _f("str", True),
+        "results": _f("list", True, doc='[{"path": relative to the output folder, "size": bytes}]'),
+    },
     "file": {
         "job": _f("str", True),
         "path": _f("str", True),

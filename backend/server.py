@@ -46,6 +46,7 @@ from backend.listen import check_security as check_security  # re-exported, as S
 from backend.store import JobRecord, JobStore, StoreError, StoreWriteError, plain
 from backend.submit import Rejected, SubmitLimits, check_resubmit, check_submit, inspect_inputs
 from backend.worker import JobRunner, Pipeline, Publish, Worker, device_memory
+from com4d.params import ModelLimits
 
 log = logging.getLogger("com4d.backend.server")
 
@@ -138,7 +139,8 @@ class Server:
     def limits(self) -> SubmitLimits:
         """What a submit may ask (backend/submit.py). Objects: the lower of the server's and the model's."""
         cfg = self.config
-        model_objects = self.pipeline.describe().get("max_objects")
+        model = self.pipeline.describe()
+        model_objects, window = model.get("max_objects"), model.get("max_window_frames")
         return SubmitLimits(
             paths_allowed=self.paths_allowed,
             max_objects=min(cfg.max_objects, model_objects) if isinstance(model_objects, int) else cfg.max_objects,
@@ -146,6 +148,9 @@ class Server:
             max_video_bytes=cfg.max_video_bytes,
             max_frame_pixels=cfg.max_frame_pixels,
             max_job_pixels=cfg.max_job_pixels,
+            model=ModelLimits(model_objects, window)
+            if isinstance(model_objects, int) and isinstance(window, int)
+            else None,
         )
 
     @property
@@ -474,7 +479,8 @@ class Server:
     def _on_list_files(self, peer: _Request, msg: protocol.Message) -> None:
         record = self._record(msg["job"], peer)
         files = self.store.result_files(record.job)
-        self._send(peer.identity, protocol.make("files", msg.id, job=record.job, state=record.state, files=files))
+        reply = protocol.make("file_list", msg.id, job=record.job, state=record.state, results=files)
+        self._send(peer.identity, reply)
 
     def _on_get_file(self, peer: _Request, msg: protocol.Message) -> None:
         record = self._record(msg["job"], peer)

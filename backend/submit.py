@@ -24,6 +24,7 @@ from backend import protocol
 from backend.store import plain
 from backend.worker import check_params
 from com4d.errors import COM4DError
+from com4d.params import ModelLimits
 from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_frame_files, probe_video
 
 MASK_FOLDERS = ("frames", "frames_no_bg", "masks")
@@ -50,6 +51,7 @@ class SubmitLimits:
     max_video_bytes: int = 2 << 30
     max_frame_pixels: int = 4096 * 4096  # one image, read from its header
     max_job_pixels: int = 1 << 30  # all selected frames of a job together
+    model: ModelLimits | None = None  # what the loaded model bounds (objects per grid, window frames)
 
 
 # -- step 1: the message ---------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def check_submit(fields: dict[str, Any], files: dict[str, Any], limits: SubmitLi
         request["prompts"] = _check_prompts(prompts, limits)
     else:
         request["masks"] = _check_masks(masks, files, limits)
-    request["params"] = checked_params(fields.get("params") or {})
+    request["params"] = checked_params(fields.get("params") or {}, limits)
     return request
 
 
@@ -95,15 +97,17 @@ def check_resubmit(
     if any("path" in (request.get(k) or {}) for k in ("video", "masks")) and not limits.paths_allowed:
         raise Rejected("forbidden", "that job reads a file path, which a non-loopback backend refuses")
     if fields.get("params") is not None:
-        request["params"] = checked_params(fields["params"])
+        request["params"] = checked_params(fields["params"], limits)
     request["resubmitted_from"] = source
     return request
 
 
-def checked_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The params map as stored, once the library's own parameter check accepts it."""
+def checked_params(params: Any, limits: SubmitLimits) -> dict[str, Any]:
+    """The params map as stored, once the parameter schema (com4d/params.py) and the model accept it."""
+    if not isinstance(params, dict):
+        raise Rejected("bad_field", "`params` must be a map of parameter names to values")
     try:
-        check_params(params)
+        check_params(params, limits.model)
     except COM4DError as exc:
         raise Rejected(exc.code, str(exc)) from None
     except (TypeError, ValueError, OverflowError) as exc:

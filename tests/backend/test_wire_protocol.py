@@ -235,7 +235,7 @@ def test_every_message_type_has_a_schema_on_its_side():
         "job_status",
         "jobs",
         "replay_end",
-        "files",
+        "file_list",
         "file",
     }
 
