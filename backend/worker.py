@@ -286,9 +286,18 @@ class Worker:
             release_memory()
             return self.store.fail(job, "failed", "out_of_memory", text, OOM_ADVICE)
         if isinstance(exc, COM4DError):
-            return self.store.fail(job, "failed", exc.code, str(exc))
+            return self.store.fail(job, "failed", exc.code, self._public(job, str(exc)))
         log.error("job %s failed", job, exc_info=exc)
-        return self.store.fail(job, "failed", "internal", f"unexpected {type(exc).__name__}: {exc}")
+        text = f"unexpected {type(exc).__name__} in the pipeline; the server log has the details"
+        return self.store.fail(job, "failed", "internal", text)
+
+    def _public(self, job: str, text: str) -> str:
+        """`text` without the store's absolute paths: the job's own files by their names in its
+        folder (`inputs/video.mp4`), anything else of the store as `<store>`."""
+        job_dir = str(self.store.job_dir(job))
+        return (
+            text.replace(job_dir + "/", "").replace(job_dir, "the job folder").replace(str(self.store.root), "<store>")
+        )
 
     def _build_call(self, job: str, spec: dict[str, Any]) -> tuple[Any, Any]:
         """The pipeline's request and params from a job's stored request description."""

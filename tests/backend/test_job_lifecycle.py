@@ -253,6 +253,7 @@ def test_an_uploaded_video_file_is_probed_stored_in_the_job_and_handed_to_the_pi
 
     with pytest.raises(BackendError) as info:  # bytes that are no video are refused at submit
         client.submit(video=b"\x00" * 5000, video_filename="clip.mp4", prompts=prompts, params=FAST_PARAMS)
-    assert info.value.code == "bad_input"
+    assert info.value.code == "bad_input" and "inputs/video.mp4" in info.value.message
+    assert str(server.store.root) not in info.value.message  # the file by its name in the job, no server path
     assert [j["job"] for j in client.list_jobs()] == [job]
     assert sorted(p.name for p in (server.store.root / "jobs").iterdir()) == [job]
