@@ -180,6 +180,7 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "queue": _f("map", True),
         "limits": _f("map"),
         "store": _f("map", doc="disk pressure: used_bytes, quota_bytes, disk_free_bytes, jobs, keep_days, pressure"),
+        "params": _f("list", doc="the parameter schema, one map per parameter (com4d.params.param_specs)"),
         "paths_allowed": _f("bool"),
         "owner": _f("str", doc="whose jobs this client sees: 'local' without keys, else 'key:' + its public key"),
         "admin": _f("bool", doc="whether this client sees every job"),

@@ -46,7 +46,7 @@ from backend.listen import check_security as check_security  # re-exported, as S
 from backend.store import JobRecord, JobStore, StoreError, StoreWriteError, plain
 from backend.submit import Rejected, SubmitLimits, check_resubmit, check_submit, inspect_inputs
 from backend.worker import JobRunner, Pipeline, Publish, Worker, device_memory
-from com4d.params import ModelLimits
+from com4d.params import ModelLimits, param_specs
 
 log = logging.getLogger("com4d.backend.server")
 
@@ -378,6 +378,7 @@ class Server:
                     "max_chunk_bytes": MAX_CHUNK_BYTES,
                 },
                 store=self._store_facts(),
+                params=param_specs(),
                 paths_allowed=self.paths_allowed,
                 owner=peer.owner,
                 admin=peer.admin,
