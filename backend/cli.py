@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-frame-pixels", type=int, default=4096 * 4096, help="largest frame, width x height (%(default)s)"
     )
     serve.add_argument(
-        "--max-job-pixels", type=int, default=1 << 30, help="pixels of all selected frames of a job (%(default)s)"
+        "--max-job-pixels", type=int, default=1 << 30, help="pixels of all images a job decodes (%(default)s)"
     )
     serve.add_argument(
         "--keep-days", type=float, default=30.0, help="delete finished jobs this many days old (%(default)s)"

@@ -50,7 +50,7 @@ class SubmitLimits:
     max_frames: int = 1024  # selected frames
     max_video_bytes: int = 2 << 30
     max_frame_pixels: int = 4096 * 4096  # one image, read from its header
-    max_job_pixels: int = 1 << 30  # all selected frames of a job together
+    max_job_pixels: int = 1 << 30  # all images a job decodes together (`inspect_inputs`)
     model: ModelLimits | None = None  # what the loaded model bounds (objects per grid, window frames)
 
 
@@ -217,6 +217,10 @@ def selected_frames(available: int, params: dict[str, Any]) -> int:
 def inspect_inputs(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> None:
     """Check the stored (or given) inputs of `request` from their headers; fills in `frames`.
 
+    The pixel budget counts what the library will decode: of a video, the selected frames (it
+    keeps no other); of a masks folder, every frame, mask and frames_no_bg image, since
+    `com4d.inputs.load_inputs` reads the whole folder before the frames are selected.
+
     `job_dir` is the job's folder: `stored` entries are relative to it, and its absolute path is
     kept out of every message."""
     try:
@@ -232,18 +236,20 @@ def _inspect(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> No
     else:
         root = Path(source["path"])
     if request.get("video") is not None:
-        clip = root
+        count, frame_pixels = _clip_size(root, limits)
+        selected = selected_frames(count, request.get("params") or {})
+        decoded = selected * max(frame_pixels)
     else:
         if not (root / "frames").is_dir() or not (root / "masks").is_dir():
             raise Rejected("bad_input", f"{root} is not a masks folder: it needs frames/ and masks/")
-        clip = root / "frames"
         masks = list_frame_files(root / "masks")
         _check_object_count([p.name for p in masks], limits)
-        for path in masks:
-            _image_pixels(path, limits)
         _check_objects_json(root / "objects.json")
-    count, pixels = _clip_size(clip, limits)
-    selected = selected_frames(count, request.get("params") or {})
+        count, frame_pixels = _clip_size(root / "frames", limits)
+        selected = selected_frames(count, request.get("params") or {})
+        decoded = sum(frame_pixels) + sum(_image_pixels(p, limits) for p in masks)
+        if (root / "frames_no_bg").is_dir():
+            decoded += sum(_image_pixels(p, limits) for p in list_frame_files(root / "frames_no_bg"))
     if selected == 0:
         raise Rejected("bad_parameter", f"the frame range selects none of the {count} frames")
     if selected > limits.max_frames:
@@ -252,18 +258,20 @@ def _inspect(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> No
             f"{selected} frames selected; the limit is {limits.max_frames}",
             "Use a shorter frame range (frame_start/frame_end) or a larger frame_stride.",
         )
-    if selected * pixels > limits.max_job_pixels:
+    if decoded > limits.max_job_pixels:
         raise Rejected(
             "too_large",
-            f"{selected} frames of {pixels} pixels are {selected * pixels} pixels; the limit is "
+            f"the job would decode {decoded} pixels ({selected} of {count} frames selected); the limit is "
             f"{limits.max_job_pixels} per job",
-            "Use fewer frames (frame_end, frame_stride) or a smaller video.",
+            "Send fewer or smaller frames: of a video only the selected frames count (frame_end, frame_stride); "
+            "a masks folder counts every image it holds.",
         )
     source["frames"] = count
 
 
-def _clip_size(path: Path, limits: SubmitLimits) -> tuple[int, int]:
-    """(frame count, pixels of one frame) of a video file or a frames folder, from headers only."""
+def _clip_size(path: Path, limits: SubmitLimits) -> tuple[int, list[int]]:
+    """(frame count, pixels of each frame) of a video file or a frames folder, from headers only
+    (a video's frames all have its size: one entry)."""
     if path.is_file():
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             raise Rejected("bad_input", f"{path} is not a video file ({', '.join(VIDEO_SUFFIXES)})")
@@ -283,14 +291,13 @@ def _clip_size(path: Path, limits: SubmitLimits) -> tuple[int, int]:
             raise Rejected(
                 "bad_input", f"{path} is {info.width}x{info.height}; the limit is {limits.max_frame_pixels} pixels"
             )
-        return info.frame_count, pixels
+        return info.frame_count, [pixels]
     if not path.is_dir():
         raise Rejected("bad_input", f"no readable video file or frames folder at {path}")
     files = list_frame_files(path)
     if not files:
         raise Rejected("bad_input", f"{path} holds no png/jpg frames")
-    sizes = {_image_pixels(p, limits) for p in files}
-    return len(files), max(sizes)
+    return len(files), [_image_pixels(p, limits) for p in files]
 
 
 def _image_pixels(path: Path, limits: SubmitLimits) -> int:

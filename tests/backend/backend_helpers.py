@@ -140,3 +140,24 @@ def write_mp4(frames_dir: Path, path: Path, fps: int = 24) -> Path:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def many_packet_video(path: Path, packets: int = 300_000, size: int = 16) -> Path:
+    """An mkv of `packets` black size x size frames and no frame count in its header: probing it
+    means demuxing every packet (seconds for 300000), as with the issue's 54 MiB clip of millions
+    of packets."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=1000)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), format="rgb24")
+        data = bytes(next(iter(stream.encode(frame))))
+        for i in range(packets):  # the same encoded frame again and again: no encoding time
+            packet = av.Packet(data)
+            packet.pts = packet.dts = i
+            packet.stream = stream
+            container.mux(packet)
+    return path

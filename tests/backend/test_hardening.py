@@ -14,31 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from backend_helpers import SLOW_PARAMS, collect_job, raw_request, start_server, wait_for
+from backend_helpers import SLOW_PARAMS, collect_job, many_packet_video, raw_request, start_server, wait_for
 
 from backend import protocol
 from backend.client import BackendError, Client, read_key_pair, read_public_key
 from backend.keys import make_keys
 from backend.server import MAX_CHUNK_BYTES
-
-
-def many_packet_video(path: Path, packets: int = 300_000) -> Path:
-    """An mkv of `packets` tiny frames and no frame count in its header: probing it means demuxing
-    every packet (seconds), as with the issue's 54 MiB clip of millions of packets."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=1000)
-        stream.width = stream.height = 16
-        stream.pix_fmt = "yuv420p"
-        frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
-        data = bytes(next(iter(stream.encode(frame))))
-        for i in range(packets):  # the same encoded frame again and again: no encoding time
-            packet = av.Packet(data)
-            packet.pts = packet.dts = i
-            packet.stream = stream
-            container.mux(packet)
-    return path
 
 
 def test_ping_answers_at_once_while_an_upload_is_probed(server, tmp_path):

@@ -129,16 +129,38 @@ def test_a_9000_square_frame_is_refused_from_its_header_alone(tmp_path):
     assert err.code == "bad_input" and "9000x9000" in str(err)
 
 
-def test_the_total_pixels_of_the_selected_frames_are_limited_per_job(tmp_path):
+def test_a_masks_folder_counts_every_image_it_holds_against_the_job_pixel_limit(tmp_path):
+    # com4d.inputs.load_inputs decodes the whole folder, selected or not: every frame counts.
     frames = {f"{i:06d}.png": png_header_only(2000, 2000) for i in range(40)}
-    job_dir = stored_masks(tmp_path, frames=frames)
-    limits = SubmitLimits(max_job_pixels=100 * 2000 * 2000 // 10)  # room for 10 such frames
-    err = rejected(inspect_inputs, masks_request({"frame_stride": 1}), job_dir, limits)
-    assert err.code == "too_large" and "40 frames" in str(err)
-    # Only the selected frames count: every 4th frame is 10 frames, within the limit.
-    request = masks_request({"frame_stride": 4})
-    inspect_inputs(request, stored_masks(tmp_path / "again", frames=frames), limits)
-    assert request["masks"]["frames"] == 40
+    limits = SubmitLimits(max_job_pixels=10 * 2000 * 2000)  # room for 10 such frames
+    for stride in (1, 4):
+        err = rejected(
+            inspect_inputs,
+            masks_request({"frame_stride": stride}),
+            stored_masks(tmp_path / str(stride), frames),
+            limits,
+        )
+        assert err.code == "too_large" and "pixels" in str(err) and err.advice
+
+
+def test_a_video_counts_only_its_selected_frames_against_the_job_pixel_limit(tmp_path):
+    from backend_helpers import many_packet_video
+
+    prompts = {"objects": [{"name": "a", "role": "dynamic", "prompts": [{"frame": 0, "points": [[8, 8, 1]]}]}]}
+    limits = SubmitLimits(max_job_pixels=10 * 1024 * 1024)  # room for 10 frames of 1024 x 1024
+    job_dir = tmp_path / "job"
+    (job_dir / "inputs").mkdir(parents=True)
+    many_packet_video(job_dir / "inputs" / "video.mkv", packets=40, size=1024)
+
+    def request(stride: int) -> dict:
+        fields = {"video": {"filename": "clip.mkv"}, "prompts": prompts, "params": {"frame_stride": stride}}
+        return check_submit(fields, {"video": b""}, limits)
+
+    err = rejected(inspect_inputs, request(1), job_dir, limits)
+    assert err.code == "too_large" and "40 of 40 frames" in str(err)
+    accepted = request(4)
+    inspect_inputs(accepted, job_dir, limits)  # 10 selected frames: within the limit
+    assert accepted["video"] == {"stored": "inputs/video.mkv", "frames": 40}
 
 
 def test_the_selected_frame_count_is_limited(tmp_path):
