@@ -592,23 +592,9 @@ class Server:
         self._intake.submit(self._housekeeping)
 
     def _housekeeping(self) -> None:
-        """Delete finished jobs older than `keep_days`, then the oldest finished ones while the store
-        is over its quota; measure the store for `hello`."""
+        """Apply the retention policy and quota (backend/store.py) and keep the numbers for `hello`."""
         try:
-            cfg = self.config
-            cutoff = time.time() - cfg.keep_days * 86400
-            for record in self.store.list():
-                if record.state in protocol.FINAL_STATES and (record.finished or record.created) < cutoff:
-                    log.info("retention: deleting job %s (finished over %g days ago)", record.job, cfg.keep_days)
-                    self.store.delete(record.job)
-            used, sizes = self.store.usage()
-            finished = [r for r in self.store.list() if r.state in protocol.FINAL_STATES]
-            for record in sorted(finished, key=lambda r: r.finished or r.created):
-                if used <= cfg.max_store_bytes:
-                    break
-                log.info("quota: deleting job %s to bring the store under %d bytes", record.job, cfg.max_store_bytes)
-                self.store.delete(record.job)
-                used -= sizes.get(record.job, 0)
+            used = self.store.enforce_retention(self.config.keep_days, self.config.max_store_bytes)
             self._disk = {"used_bytes": used, "jobs": len(self.store.list())}
         except Exception:  # housekeeping must never stop the intake thread
             log.exception("store housekeeping failed")

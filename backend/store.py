@@ -171,6 +171,28 @@ class JobStore:
             self._seq.pop(job, None)
         shutil.rmtree(self.job_dir(job), ignore_errors=True)
 
+    def enforce_retention(self, keep_days: float, max_bytes: int) -> int:
+        """Delete finished jobs older than `keep_days`, then the oldest finished ones while the
+        store holds more than `max_bytes` (queued and running jobs are never deleted). Returns the
+        bytes the store holds afterwards. Walks every file: call it off the socket thread."""
+        cutoff = time.time() - keep_days * 86400
+        finished = sorted(
+            (r for r in self.list() if r.state in protocol.FINAL_STATES), key=lambda r: r.finished or r.created
+        )
+        for record in finished:
+            if (record.finished or record.created) < cutoff:
+                log.info("retention: deleting job %s (finished over %g days ago)", record.job, keep_days)
+                self.delete(record.job)
+        used, sizes = self.usage()
+        for record in finished:
+            if used <= max_bytes:
+                break
+            if record.job in sizes and self.get(record.job) is not None:
+                log.info("quota: deleting job %s to bring the store under %d bytes", record.job, max_bytes)
+                self.delete(record.job)
+                used -= sizes[record.job]
+        return used
+
     def usage(self) -> tuple[int, dict[str, int]]:
         """(bytes of the whole store, bytes of each job) as on disk now. Walks every file: call it
         off the socket thread."""
