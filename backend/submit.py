@@ -25,6 +25,7 @@ from backend.store import plain
 from backend.worker import check_params
 from com4d.errors import COM4DError
 from com4d.params import ModelLimits
+from com4d.plan import InputSummary, plan_reconstruction
 from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_frame_files, probe_video
 
 MASK_FOLDERS = ("frames", "frames_no_bg", "masks")
@@ -208,10 +209,28 @@ def _check_prompts(prompts: Any, limits: SubmitLimits) -> dict[str, Any]:
 # -- step 2: the stored inputs ------------------------------------------------------------------------
 
 
-def selected_frames(available: int, params: dict[str, Any]) -> int:
-    """How many of `available` frames the pipeline selects: frames[frame_start:frame_end:frame_stride]."""
-    p = check_params(params)
-    return len(range(available)[p.frame_start : p.frame_end : p.frame_stride])
+def planned_frames(
+    available: int, dynamic: list[str], static: list[str], params: dict[str, Any], limits: SubmitLimits
+) -> int:
+    """How many frames the job runs on, by the library's own plan (com4d/plan.py) of `available`
+    frames and these objects; the plan's refusals (frame range, stage-A frame, objects or window
+    against the model) become the submit's."""
+    summary = InputSummary(frame_numbers=range(available), dynamic_names=dynamic, static_names=static)
+    try:
+        return len(plan_reconstruction(summary, check_params(params), limits.model).frames)
+    except COM4DError as exc:
+        raise Rejected(exc.code, str(exc)) from None
+
+
+def _prompt_objects(request: dict[str, Any], job_dir: Path) -> tuple[list[str], list[str]]:
+    """(dynamic, static) object names of a video job's stored prompts."""
+    from com4d.segment.prompts import parse_prompts
+
+    prompts = request["prompts"]
+    if isinstance(prompts, str):  # stored: inputs/prompts.json
+        prompts = json.loads((job_dir / prompts).read_text(encoding="utf-8"))
+    parsed = parse_prompts(prompts)
+    return [o.name for o in parsed.dynamic], [o.name for o in parsed.static]
 
 
 def inspect_inputs(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> None:
@@ -235,23 +254,23 @@ def _inspect(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> No
         root = job_dir / source["stored"]
     else:
         root = Path(source["path"])
+    params = request.get("params") or {}
     if request.get("video") is not None:
         count, frame_pixels = _clip_size(root, limits)
-        selected = selected_frames(count, request.get("params") or {})
+        selected = planned_frames(count, *_prompt_objects(request, job_dir), params, limits)
         decoded = selected * max(frame_pixels)
     else:
         if not (root / "frames").is_dir() or not (root / "masks").is_dir():
             raise Rejected("bad_input", f"{root} is not a masks folder: it needs frames/ and masks/")
         masks = list_frame_files(root / "masks")
         _check_object_count([p.name for p in masks], limits)
-        _check_objects_json(root / "objects.json")
+        statics = _check_objects_json(root / "objects.json")
         count, frame_pixels = _clip_size(root / "frames", limits)
-        selected = selected_frames(count, request.get("params") or {})
+        ids = sorted({p.stem.split("_object_", 1)[1] for p in masks if "_object_" in p.stem})
+        selected = planned_frames(count, [f"object_{i}" for i in ids], statics, params, limits)
         decoded = sum(frame_pixels) + sum(_image_pixels(p, limits) for p in masks)
         if (root / "frames_no_bg").is_dir():
             decoded += sum(_image_pixels(p, limits) for p in list_frame_files(root / "frames_no_bg"))
-    if selected == 0:
-        raise Rejected("bad_parameter", f"the frame range selects none of the {count} frames")
     if selected > limits.max_frames:
         raise Rejected(
             "too_large",
@@ -316,10 +335,11 @@ def _image_pixels(path: Path, limits: SubmitLimits) -> int:
     return width * height
 
 
-def _check_objects_json(path: Path) -> None:
-    """objects.json must be a small, shallow map: the pipeline reads names from it."""
+def _check_objects_json(path: Path) -> list[str]:
+    """objects.json must be a small, shallow map: the pipeline reads names from it. Returns the
+    static objects' names it lists."""
     if not path.is_file():
-        return
+        return []
     if path.stat().st_size > MAX_OBJECTS_JSON_BYTES:
         raise Rejected("bad_input", f"objects.json is over {MAX_OBJECTS_JSON_BYTES} bytes")
     too_deep = Rejected("bad_input", f"objects.json is nested deeper than {MAX_OBJECTS_JSON_DEPTH} levels")
@@ -337,6 +357,12 @@ def _check_objects_json(path: Path) -> None:
         if depth > MAX_OBJECTS_JSON_DEPTH:
             raise too_deep
         level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+    statics = data.get("static", [])
+    if not isinstance(statics, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in statics
+    ):
+        raise Rejected("bad_input", 'objects.json: "static" must be a list of objects with a "name"')
+    return [o["name"] for o in statics]
 
 
 def _hide(text: str, job_dir: Path) -> str:

@@ -185,3 +185,18 @@ def test_messages_about_stored_inputs_hold_no_server_path(tmp_path):
     err = rejected(inspect_inputs, masks_request(), job_dir, LIMITS)
     assert err.code == "bad_input" and "000000.png" in str(err)
     assert str(tmp_path) not in str(err) and "/job/" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "words"),
+    [
+        ({"frame_start": 50}, "bad_input", "selects no frame of the 40"),
+        ({"stage_a_frame": 99}, "bad_input", "stage_a_frame"),
+        ({"dynamic_ar_block_size": 40, "dynamic_max_memory_frames": 40}, "bad_parameter", "window"),
+        ({"scene_num_parts": 8}, "bad_parameter", "exceed the model's 8 objects"),  # 8 static + 1 moving
+    ],
+)
+def test_the_librarys_plan_refuses_at_submit_what_would_fail_in_the_job(tmp_path, params, code, words):
+    frames = {f"{i:06d}.png": png_header_only(64, 64) for i in range(40)}
+    err = rejected(inspect_inputs, masks_request(params), stored_masks(tmp_path, frames), LIMITS)
+    assert err.code == code and words in str(err)
