@@ -9,28 +9,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
-from backend_helpers import masks_dir
+from backend_helpers import masks_dir, png_header_only
 
 from backend.submit import Rejected, SubmitLimits, check_resubmit, check_submit, inspect_inputs
 from com4d.params import ModelLimits
 
 LIMITS = SubmitLimits(model=ModelLimits(part_rows=8, frame_rows=16))
 MASK_FILES = {"frames/000000.png": b"x", "masks/000000_object_000.png": b"x"}
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk declaring width x height RGB pixels, then IEND; no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def rejected(call, *args) -> Rejected:
