@@ -188,3 +188,20 @@ def test_the_librarys_plan_refuses_at_submit_what_would_fail_in_the_job(tmp_path
     frames = {f"{i:06d}.png": png_header_only(64, 64) for i in range(40)}
     err = rejected(inspect_inputs, masks_request(params), stored_masks(tmp_path, frames), LIMITS)
     assert err.code == code and words in str(err)
+
+
+def test_a_video_with_prompts_is_planned_as_the_pipeline_plans_it(tmp_path):
+    # Segmentation reads only the selected frames, so the stage-A frame must be one of them.
+    from backend_helpers import many_packet_video
+
+    prompts = {"objects": [{"name": "a", "role": "dynamic", "prompts": [{"frame": 0, "points": [[8, 8, 1]]}]}]}
+    job_dir = tmp_path / "job"
+    (job_dir / "inputs").mkdir(parents=True)
+    many_packet_video(job_dir / "inputs" / "video.mkv", packets=12)
+    fields = {"video": {"filename": "clip.mkv"}, "prompts": prompts, "params": {"frame_stride": 2, "stage_a_frame": 3}}
+    err = rejected(inspect_inputs, check_submit(fields, {"video": b""}, LIMITS), job_dir, LIMITS)
+    assert err.code == "bad_parameter" and "stage_a_frame 3" in str(err)
+    fields["params"]["stage_a_frame"] = 4
+    request = check_submit(fields, {"video": b""}, LIMITS)
+    inspect_inputs(request, job_dir, LIMITS)
+    assert request["video"]["frames"] == 12
