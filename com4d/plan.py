@@ -75,6 +75,22 @@ def safe_name(name: str) -> str:
     return cleaned or "object"
 
 
+def file_stems(names: Sequence[str]) -> list[str]:
+    """A distinct file-system-safe stem per name, in order: names that sanitise alike ('a/b' and 'a?b'
+    both give 'a_b') get '_2', '_3'... Distinct ignoring case too, for case-insensitive disks."""
+    taken: set[str] = set()
+    stems = []
+    for name in names:
+        base = stem = safe_name(name)
+        n = 1
+        while stem.lower() in taken:
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
 def unique_names(names: Sequence[str]) -> list[str]:
     """Make names unique the way Blender does: 'chair', 'chair.001', ..."""
     seen: dict[str, int] = {}
@@ -149,10 +165,10 @@ class Plan:
         """Every mesh file the run writes, relative to the output folder (docs/contracts.md)."""
         files = []
         if self.has_stage_a:
-            files += [f"static/{safe_name(n)}.glb" for n in self.static_names]
-            files += [f"dynamic/{safe_name(n)}/stage_a.glb" for n in self.dynamic_names]
-        for n in self.dynamic_names:
-            files += [f"dynamic/{safe_name(n)}/frame_{f:06d}.glb" for f in self.frame_numbers]
+            files += [f"static/{s}.glb" for s in file_stems(self.static_names)]
+            files += [f"dynamic/{s}/stage_a.glb" for s in file_stems(self.dynamic_names)]
+        for s in file_stems(self.dynamic_names):
+            files += [f"dynamic/{s}/frame_{f:06d}.glb" for f in self.frame_numbers]
         return files
 
 
@@ -222,4 +238,13 @@ def plan_reconstruction(inputs: InputSummary, params: ReconstructionParams, limi
     return plan
 
 
-__all__ = ["InputSummary", "Plan", "Window", "plan_reconstruction", "plan_windows", "safe_name", "unique_names"]
+__all__ = [
+    "InputSummary",
+    "Plan",
+    "Window",
+    "file_stems",
+    "plan_reconstruction",
+    "plan_windows",
+    "safe_name",
+    "unique_names",
+]

@@ -18,7 +18,7 @@ import numpy as np
 import trimesh
 
 from com4d.meshing import write_glb
-from com4d.plan import safe_name
+from com4d.plan import file_stems
 
 SCENE_FORMAT = "com4d-scene"
 SCENE_VERSION = 1
@@ -55,6 +55,7 @@ class SceneObject:
     frames: list[dict[str, Any]] = field(default_factory=list)
     topology: str = "per_frame"
     extra: dict[str, Any] = field(default_factory=dict)
+    stem: str = ""  # its files' name: the name made safe and distinct from the others' (plan.file_stems)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "role": self.role, "index": self.index, "color": self.color}
@@ -93,10 +94,10 @@ class SceneWriter:
         self.status = "running"
         self.stage_a_scene: str | None = None
         self.objects: list[SceneObject] = []
-        for i, n in enumerate(static_names):
-            self.objects.append(SceneObject(n, "static", i, object_color(i)))
-        for k, n in enumerate(dynamic_names):
-            self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k)))
+        for i, (n, stem) in enumerate(zip(static_names, file_stems(static_names))):
+            self.objects.append(SceneObject(n, "static", i, object_color(i), stem=stem))
+        for k, (n, stem) in enumerate(zip(dynamic_names, file_stems(dynamic_names))):
+            self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k), stem=stem))
         self._geometry: dict[tuple[str, int | str], tuple[np.ndarray, np.ndarray]] = {}
         self.save()
 
@@ -108,7 +109,7 @@ class SceneWriter:
 
     def add_static(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         obj = self.get("static", index)
-        rel = f"static/{safe_name(obj.name)}.glb"
+        rel = f"static/{obj.stem}.glb"
         self._write_mesh(rel, obj, vertices, faces)
         obj.mesh = rel
         self._geometry[(obj.name, -1)] = (vertices, faces)
@@ -118,7 +119,7 @@ class SceneWriter:
     def add_stage_a_dynamic(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         """A moving object's mesh from stage A (at the stage-A frame)."""
         obj = self.get("dynamic", index)
-        rel = f"dynamic/{safe_name(obj.name)}/stage_a.glb"
+        rel = f"dynamic/{obj.stem}/stage_a.glb"
         self._write_mesh(rel, obj, vertices, faces)
         obj.stage_a_mesh = rel
         self._geometry[(obj.name, "stage_a")] = (vertices, faces)
@@ -127,7 +128,7 @@ class SceneWriter:
 
     def add_dynamic_frame(self, index: int, frame: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         obj = self.get("dynamic", index)
-        rel = f"dynamic/{safe_name(obj.name)}/frame_{frame:06d}.glb"
+        rel = f"dynamic/{obj.stem}/frame_{frame:06d}.glb"
         self._write_mesh(rel, obj, vertices, faces)
         obj.frames = [f for f in obj.frames if f["frame"] != frame] + [{"frame": frame, "mesh": rel}]
         obj.frames.sort(key=lambda f: f["frame"])
@@ -145,9 +146,9 @@ class SceneWriter:
     ) -> str:
         """Record a tracked topology: base mesh GLB (first frame) + (F, V, 3) vertex array."""
         obj = self.get("dynamic", index)
-        base = f"dynamic/{safe_name(obj.name)}/tracked.glb"
+        base = f"dynamic/{obj.stem}/tracked.glb"
         self._write_mesh(base, obj, vertices[0], faces)
-        verts_rel = f"dynamic/{safe_name(obj.name)}/tracked_vertices.npy"
+        verts_rel = f"dynamic/{obj.stem}/tracked_vertices.npy"
         tmp = self.out / (verts_rel + ".tmp.npy")
         np.save(tmp, vertices.astype(np.float32))
         os.replace(tmp, self.out / verts_rel)

@@ -4,7 +4,6 @@ raw DEALER for bytes no well-behaved client would send."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -73,6 +72,16 @@ def collect_job(client: Client, job: str, timeout: float = 120.0) -> list:
     return list(client.job_events(job, timeout=timeout))
 
 
+def wait_for(client: Client, job: str, predicate, timeout: float = 60.0) -> list:
+    """Messages of `job` up to and including the first one that satisfies `predicate`."""
+    seen = []
+    for message in client.job_events(job, timeout=timeout):
+        seen.append(message)
+        if predicate(message):
+            return seen
+    raise AssertionError(f"the job ended without the awaited event: {[m.type for m in seen]}")
+
+
 def run_cli_server(store: Path, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """`python -m backend.cli serve` as a subprocess on a free loopback port; returns it and its address."""
     cmd = [
@@ -133,40 +142,35 @@ def write_mp4(frames_dir: Path, path: Path, fps: int = 24) -> Path:
     return path
 
 
-def run_cli_front(workers: str, bind: str = "tcp://127.0.0.1:*", *extra: str, log: Path | None = None):
-    """`python -m backend.cli front` as a subprocess; returns it, its client address and its worker
-    address (`:*` ports resolved; its logs go to `log`)."""
-    cmd = [sys.executable, "-m", "backend.cli", "front", "--bind", bind, "--workers", workers, *extra]
-    with open(log if log is not None else os.devnull, "a") as stderr:  # the child keeps its own copy
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("com4d-backend front end serving on "):
-        proc.kill()
-        raise RuntimeError(f"the front end did not start: {line!r} {log.read_text()[-2000:] if log else ''}")
-    words = line.split()
-    return proc, words[5].rstrip(";"), words[-1]
+def many_packet_video(path: Path, packets: int = 300_000, size: int = 16) -> Path:
+    """An mkv of `packets` black size x size frames and no frame count in its header: probing it
+    means demuxing every packet (seconds for 300000), as with the issue's 54 MiB clip of millions
+    of packets."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=1000)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), format="rgb24")
+        data = bytes(next(iter(stream.encode(frame))))
+        for i in range(packets):  # the same encoded frame again and again: no encoding time
+            packet = av.Packet(data)
+            packet.pts = packet.dts = i
+            packet.stream = stream
+            container.mux(packet)
+    return path
 
 
-def start_cli_worker(store: Path, front: str, name: str, *extra: str, log: Path | None = None) -> subprocess.Popen:
-    """`python -m backend.cli serve --connect FRONT --name NAME` (tiny weights, CPU, one torch thread) as a
-    subprocess; it joins the front end once its weights are loaded."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--weights",
-        str(weights_dir()),
-        "--store",
-        str(store),
-        "--device",
-        "cpu",
-        "--connect",
-        front,
-        "--name",
-        name,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log if log is not None else os.devnull, "a") as out:  # the child keeps its own copy
-        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring width x height RGB pixels, then IEND; no pixel data."""
+
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
