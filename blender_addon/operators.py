@@ -355,14 +355,19 @@ def menu_import(self, context):
 _checks: queue.Queue = queue.Queue()
 
 
+def connection_summary(facts: dict) -> str:
+    """The panel's line for a backend's hello: who it is, its device, how many jobs wait in its queue."""
+    text = f"connected: {facts.get('server', 'backend')} on {facts.get('device', '?')}"
+    queue_info = facts.get("queue") or {}
+    if queue_info:
+        text += f", {len(queue_info.get('queued') or [])} queued"  # the protocol lists the queued jobs
+    return text
+
+
 def _check_worker(address: str, credentials, timeout: float) -> None:
     try:
         facts = check_connection(address, credentials, timeout, context=zmq_context.context())
-        queue_info = facts.get("queue") or {}
-        text = f"connected: {facts.get('server', 'backend')} on {facts.get('device', '?')}"
-        if queue_info:
-            text += f", {queue_info.get('queued', 0)} queued"
-        _checks.put(("INFO", text))
+        _checks.put(("INFO", connection_summary(facts)))
     except Exception as err:  # shown to the user as is
         _checks.put(("ERROR", f"no backend at {address}: {err}"))
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
+import bpy
 import pytest
+import zmq
 import zmq.auth
 
 
@@ -102,3 +105,32 @@ def test_the_library_accepts_the_parameters_the_add_on_sends(addon):
         chosen = list(range(params.frame_start, params.frame_end, params.frame_stride))
         assert chosen == frames and params.num_tokens == tokens and params.scene_steps == steps
         assert params.mesh_final_depth == detail and params.topology == topology
+
+
+def test_check_connection_shows_how_many_jobs_wait_in_the_queue(addon, scene, prefs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefs.address = f"tcp://127.0.0.1:{port}"
+    prefs.connect_timeout = 5.0
+    server = addon.zmq_context.context().socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(prefs.address)
+    state = bpy.data.window_managers[0].com4d_job
+    try:
+        assert bpy.ops.com4d.check_connection() == {"FINISHED"}
+        assert server.poll(5000), "the add-on said no hello"
+        identity, *frames = server.recv_multipart()
+        hello = addon.protocol.decode(frames, direction="request")
+        queue = {"running": "j0", "queued": ["j1", "j2", "j3"], "length": 4}  # the protocol's shape
+        reply = addon.protocol.make(
+            "hello", hello.id, protocol=1, server="test-backend", model={}, device="cuda:1", queue=queue
+        )
+        server.send_multipart([identity, *addon.protocol.encode(reply)])
+        deadline = time.monotonic() + 10
+        while addon.operators.apply_connection_checks() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.close()
+
+    assert state.connection == "connected: test-backend on cuda:1, 3 queued"
