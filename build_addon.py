@@ -2,9 +2,10 @@
 
 The zip holds the add-on (blender_addon/), the wire protocol and client copied verbatim from
 backend/ (one definition of the protocol for both ends), and pyzmq + msgpack wheels for Blender's
-Pythons (3.11: Blender 4.2-5.0; 3.13: 5.1 and later) on Linux x86_64, Windows x64 and macOS
-(arm64, x86_64). The wheels come from the package index through `pip download` and are cached in
-dist/wheel-cache/, so a second build needs no network. Offline: `--wheels-from DIR` (a folder of
+Pythons (3.11: Blender 4.2-5.0; 3.13: 5.1 and later) on Linux and Windows (x64, arm64) and macOS
+(arm64, x64): every platform that blender_manifest.toml declares. The wheels come from the
+package index through `pip download` and are cached in dist/wheel-cache/, so a second build needs
+no network. Offline: `--wheels-from DIR` (a folder of
 wheels) or `--no-wheels` (for a Blender whose Python already has pyzmq and msgpack).
 
 Example:
@@ -36,7 +37,9 @@ PYTHON_VERSIONS = ("3.11", "3.13")
 # Blender platform -> the wheel platform tags pip may pick for it (pip adds older macOS versions itself).
 PLATFORMS = {
     "linux-x64": ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"),
+    "linux-arm64": ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"),
     "windows-x64": ("win_amd64",),
+    "windows-arm64": ("win_arm64",),
     "macos-arm64": ("macosx_11_0_arm64",),
     "macos-x64": ("macosx_11_0_x86_64",),
 }
