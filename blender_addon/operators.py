@@ -231,13 +231,20 @@ class COM4D_OT_reconstruct(bpy.types.Operator):
             video = clip_video_path(clip)
             starter = local_starter(prefs) if prefs.use_local_backend else None
             credentials = prefs.credentials()
+            settings = clip.com4d
+            params = reconstruction_params(
+                frames,
+                int(settings.num_tokens),
+                settings.steps,
+                settings.mesh_detail,
+                settings.topology,
+                settings.guidance,
+                settings.seed,
+                settings.allow_lost,
+            )
         except (PromptError, ValueError, local_backend.LocalBackendError) as err:
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
-        settings = clip.com4d
-        params = reconstruction_params(
-            frames, int(settings.num_tokens), settings.steps, settings.mesh_detail, settings.topology
-        )
         request = JobRequest(video=video, prompts=prompts, params=params, label=clip.name)
         job = BackendJob(
             prefs.address,

@@ -66,8 +66,9 @@ def test_zip_without_wheels_installs_and_enables_as_an_extension(tmp_path):
 
     assert zip_path.name == "com4d_blender-0.1.0.zip"
     names = zipfile.ZipFile(zip_path).namelist()
-    assert {"blender_manifest.toml", "__init__.py", "protocol.py", "client.py"} <= set(names)
+    assert {"blender_manifest.toml", "__init__.py", "protocol.py", "client.py", "_params.py"} <= set(names)
     assert zipfile.ZipFile(zip_path).read("protocol.py") == (ROOT / "backend" / "protocol.py").read_bytes()
+    assert zipfile.ZipFile(zip_path).read("_params.py") == (ROOT / "com4d" / "params.py").read_bytes()
     installed = install_in_fresh_blender(zip_path, tmp_path / "user")
 
     assert installed["result"] == ["FINISHED"]
