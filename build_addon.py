@@ -1,10 +1,12 @@
 """Build the Blender extension zip: `python build_addon.py` -> dist/com4d_blender-<version>.zip.
 
 The zip holds the add-on (blender_addon/), the wire protocol and client copied verbatim from
-backend/ (one definition of the protocol for both ends), and pyzmq + msgpack wheels for Blender's
-Pythons (3.11: Blender 4.2-5.0; 3.13: 5.1 and later) on Linux x86_64, Windows x64 and macOS
-(arm64, x86_64). The wheels come from the package index through `pip download` and are cached in
-dist/wheel-cache/, so a second build needs no network. Offline: `--wheels-from DIR` (a folder of
+backend/ (one definition of the protocol for both ends), the library's parameter schema
+(com4d/params.py, as `_params.py`: the panel's defaults and ranges are the backend's), and
+pyzmq + msgpack wheels for Blender's Pythons (3.11: Blender 4.2-5.0; 3.13: 5.1 and later) on
+Linux and Windows (x64, arm64) and macOS (arm64, x64): every platform the manifest declares. The wheels come from the
+package index through `pip download` and are cached in dist/wheel-cache/, so a second build needs
+no network. Offline: `--wheels-from DIR` (a folder of
 wheels) or `--no-wheels` (for a Blender whose Python already has pyzmq and msgpack).
 
 Example:
@@ -28,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 ADDON_DIR = ROOT / "blender_addon"
 SHARED_MODULES = (ROOT / "backend" / "protocol.py", ROOT / "backend" / "client.py")
+# The library's parameter schema (standard library only), shipped as the add-on's `_params` module.
+PARAMS_SCHEMA = ROOT / "com4d" / "params.py"
+PARAMS_MODULE = "_params.py"
 PACKAGE_ID = "com4d_blender"
 MANIFEST = "blender_manifest.toml"
 
@@ -36,7 +41,9 @@ PYTHON_VERSIONS = ("3.11", "3.13")
 # Blender platform -> the wheel platform tags pip may pick for it (pip adds older macOS versions itself).
 PLATFORMS = {
     "linux-x64": ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"),
+    "linux-arm64": ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"),
     "windows-x64": ("win_amd64",),
+    "windows-arm64": ("win_arm64",),
     "macos-arm64": ("macosx_11_0_arm64",),
     "macos-x64": ("macosx_11_0_x86_64",),
 }
@@ -124,10 +131,11 @@ def wheels_in(folder: Path, requirements=REQUIREMENTS) -> list[Path]:
 
 def assemble(dest: Path, wheels: list[Path] = ()) -> Path:
     """Put the extension's files together in `dest/com4d_blender/` and return that folder."""
-    missing = [str(p) for p in SHARED_MODULES if not p.is_file()]
+    missing = [str(p) for p in (*SHARED_MODULES, PARAMS_SCHEMA) if not p.is_file()]
     if missing:
         raise BuildError(
-            f"missing {', '.join(missing)}: the extension ships the backend's protocol and client"
+            f"missing {', '.join(missing)}: the extension ships the backend's protocol and client "
+            "and the library's parameter schema"
         )
     package = Path(dest) / PACKAGE_ID
     if package.exists():
@@ -137,6 +145,7 @@ def assemble(dest: Path, wheels: list[Path] = ()) -> Path:
         shutil.copy2(source, package / source.name)
     for source in SHARED_MODULES:
         shutil.copy2(source, package / source.name)
+    shutil.copy2(PARAMS_SCHEMA, package / PARAMS_MODULE)
     if wheels:
         (package / "wheels").mkdir()
         for wheel in wheels:

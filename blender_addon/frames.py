@@ -15,19 +15,9 @@ def video_frame_from_clip_frame(clip_frame: int, frame_offset: int = 0) -> int:
     return int(clip_frame) - 1 + int(frame_offset)
 
 
-def clip_frame_from_video_frame(frame: int, frame_offset: int = 0) -> int:
-    """The clip frame (what markers use) that shows source-video frame `frame`."""
-    return int(frame) + 1 - int(frame_offset)
-
-
 def scene_frame_from_video_frame(frame: int, clip_frame_start: int = 1, frame_offset: int = 0) -> int:
     """The scene (timeline) frame at which the clip shows source-video frame `frame`."""
     return int(clip_frame_start) + int(frame) - int(frame_offset)
-
-
-def video_frame_from_scene_frame(scene_frame: int, clip_frame_start: int = 1, frame_offset: int = 0) -> int:
-    """The source-video frame the clip shows at timeline frame `scene_frame`."""
-    return int(scene_frame) - int(clip_frame_start) + int(frame_offset)
 
 
 def selected_frames(first: int, last: int, stride: int) -> list[int]:

@@ -231,13 +231,20 @@ class COM4D_OT_reconstruct(bpy.types.Operator):
             video = clip_video_path(clip)
             starter = local_starter(prefs) if prefs.use_local_backend else None
             credentials = prefs.credentials()
+            settings = clip.com4d
+            params = reconstruction_params(
+                frames,
+                int(settings.num_tokens),
+                settings.steps,
+                settings.mesh_detail,
+                settings.topology,
+                settings.guidance,
+                settings.seed,
+                settings.allow_lost,
+            )
         except (PromptError, ValueError, local_backend.LocalBackendError) as err:
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
-        settings = clip.com4d
-        params = reconstruction_params(
-            frames, int(settings.num_tokens), settings.steps, settings.mesh_detail, settings.topology
-        )
         request = JobRequest(video=video, prompts=prompts, params=params, label=clip.name)
         job = BackendJob(
             prefs.address,
@@ -355,14 +362,19 @@ def menu_import(self, context):
 _checks: queue.Queue = queue.Queue()
 
 
+def connection_summary(facts: dict) -> str:
+    """The panel's line for a backend's hello: who it is, its device, how many jobs wait in its queue."""
+    text = f"connected: {facts.get('server', 'backend')} on {facts.get('device', '?')}"
+    queue_info = facts.get("queue") or {}
+    if queue_info:
+        text += f", {len(queue_info.get('queued') or [])} queued"  # the protocol lists the queued jobs
+    return text
+
+
 def _check_worker(address: str, credentials, timeout: float) -> None:
     try:
         facts = check_connection(address, credentials, timeout, context=zmq_context.context())
-        queue_info = facts.get("queue") or {}
-        text = f"connected: {facts.get('server', 'backend')} on {facts.get('device', '?')}"
-        if queue_info:
-            text += f", {queue_info.get('queued', 0)} queued"
-        _checks.put(("INFO", text))
+        _checks.put(("INFO", connection_summary(facts)))
     except Exception as err:  # shown to the user as is
         _checks.put(("ERROR", f"no backend at {address}: {err}"))
 

@@ -98,8 +98,11 @@ class COM4D_PT_reconstruct(COM4D_PT_base, bpy.types.Panel):
             row = layout.row(align=True)
             row.prop(clip.com4d, "num_tokens", expand=True)
             layout.prop(clip.com4d, "steps")
+            layout.prop(clip.com4d, "guidance")
+            layout.prop(clip.com4d, "seed")
             layout.prop(clip.com4d, "mesh_detail")
             layout.prop(clip.com4d, "topology", text="")
+            layout.prop(clip.com4d, "allow_lost")
         session = job_session.current()
         running = session is not None and not session.finished
         if running:

@@ -18,6 +18,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from .params import default, description, limits
 from .tracking_prompts import ObjectSpec, TrackRef
 
 ROLE_ITEMS = [
@@ -103,30 +104,50 @@ class COM4D_PG_clip(bpy.types.PropertyGroup):
     )
     frame_last: IntProperty(name="Last", default=250, min=1, description="Last clip frame to reconstruct")
     frame_stride: IntProperty(
-        name="Stride", default=2, min=1, max=100, description="Use every n-th frame (the paper uses 2)"
+        name="Stride",
+        default=default("frame_stride"),
+        soft_max=100,
+        description=description("frame_stride"),
+        **limits("frame_stride"),
     )
     num_tokens: EnumProperty(
         name="Tokens",
         items=TOKEN_ITEMS,
-        default="2048",
+        default=str(default("num_tokens")),
         description="Latent tokens per object: detail of the shapes",
     )
     steps: IntProperty(
-        name="Steps", default=50, min=1, max=200, description="Denoising steps per stage (the paper uses 50)"
+        name="Steps",
+        default=default("scene_steps"),
+        soft_max=200,
+        description="Denoising steps per stage (the paper uses 50)",
+        **limits("scene_steps"),
     )
-
+    guidance: FloatProperty(
+        name="Guidance",
+        default=default("scene_guidance"),
+        soft_max=15.0,
+        description="Classifier-free guidance of both stages; 1 or less is one pass per step (faster)",
+        **limits("scene_guidance"),
+    )
+    seed: IntProperty(name="Seed", default=default("seed"), description="Noise seed", **limits("seed"))
     mesh_detail: IntProperty(
         name="Mesh Detail",
-        default=9,
-        min=5,
-        max=10,
+        default=default("mesh_final_depth"),
+        soft_min=5,
         description="Octree depth of the meshes: 9 is the paper's, each step down is about 4x fewer faces",
+        **limits("mesh_final_depth"),
     )
     topology: EnumProperty(
         name="Moving Objects",
         items=TOPOLOGY_ITEMS,
-        default="per_frame",
+        default=default("topology"),
         description="How moving objects come back: a mesh per frame, or one mesh that deforms",
+    )
+    allow_lost: BoolProperty(
+        name="Keep Lost Objects",
+        default=default("allow_lost"),
+        description="Go on when segmentation loses an object on some frames (off: the job fails)",
     )
 
     def specs(self) -> list[ObjectSpec]:

@@ -275,8 +275,8 @@ class ReconstructionBuilder:
             material = bpy.data.materials.new(f"COM4D {name}")
             self._materials[key] = material.name
         material.diffuse_color = (*rgb, 1.0)
-        if not material.use_nodes:
-            material.use_nodes = True
+        if bpy.app.version < (5, 0, 0) and not material.use_nodes:
+            material.use_nodes = True  # Blender 5 gives every material its nodes; `use_nodes` goes in 6.0
         bsdf = material.node_tree.nodes.get("Principled BSDF") if material.node_tree else None
         if bsdf is not None:
             bsdf.inputs["Base Color"].default_value = (*rgb, 1.0)

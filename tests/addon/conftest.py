@@ -3,11 +3,17 @@
 The add-on is put together exactly as build_addon.py packs it (blender_addon/ + backend's protocol
 and client) into a temporary folder on sys.path, and enabled through Blender's own add-on system.
 Every test that touches the scene starts from an empty file.
+
+What the tests need from the library (torch) is made once per run by `library_outputs.py` in the
+backend's Python, as the add-on itself leaves the library to the backend: Blender's Python has no torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +26,12 @@ import addon_utils  # noqa: E402  (Blender's module, importable once bpy is)
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "com4d_blender"
+BACKEND_PYTHON_VARIABLE = "COM4D_BACKEND_PYTHON"
+
+
+def backend_python() -> str:
+    """The Python with the library and the backend (torch): $COM4D_BACKEND_PYTHON, else this one."""
+    return os.environ.get(BACKEND_PYTHON_VARIABLE) or sys.executable
 
 
 def load_build_addon():
@@ -27,6 +39,32 @@ def load_build_addon():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory) -> Path:
+    """The folder `library_outputs.py` filled in the backend's Python (see its docstring)."""
+    out = tmp_path_factory.mktemp("library")
+    python = backend_python()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    done = subprocess.run(
+        [python, str(ROOT / "tests" / "addon" / "library_outputs.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (
+        f"the library could not run in {python} (set {BACKEND_PYTHON_VARIABLE} to a Python with the "
+        f"repository's requirements installed):\n{done.stderr[-3000:]}"
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def library_facts(library) -> dict:
+    """The library's object colours and the tiny weights folder."""
+    return json.loads((library / "facts.json").read_text())
 
 
 @pytest.fixture(scope="session")

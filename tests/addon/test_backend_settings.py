@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
+import bpy
 import pytest
+import zmq
 import zmq.auth
 
 
@@ -92,13 +95,54 @@ def test_keys_come_from_key_files_or_text(addon, tmp_path):
 
 
 def test_the_library_accepts_the_parameters_the_add_on_sends(addon):
-    pipeline = pytest.importorskip("com4d.pipeline")
-    for frames, tokens, steps, detail, topology in [
-        ([0, 2, 4], 2048, 50, 9, "per_frame"),
-        ([5], 512, 120, 5, "tracked"),
+    from com4d.params import ReconstructionParams
+
+    for frames, tokens, steps, detail, topology, guidance, seed in [
+        ([0, 2, 4], 2048, 50, 9, "per_frame", 7.0, 0),
+        ([5], 512, 120, 5, "tracked", 1.0, 12345),
     ]:
-        sent = addon.params.reconstruction_params(frames, tokens, steps, detail, topology)
-        params = pipeline.ReconstructionParams.from_dict(sent)
+        sent = addon.params.reconstruction_params(frames, tokens, steps, detail, topology, guidance, seed, True)
+        params = ReconstructionParams.from_dict(sent)
         chosen = list(range(params.frame_start, params.frame_end, params.frame_stride))
         assert chosen == frames and params.num_tokens == tokens and params.scene_steps == steps
         assert params.mesh_final_depth == detail and params.topology == topology
+        assert params.scene_guidance == params.dynamic_guidance == guidance and params.seed == seed
+        assert params.allow_lost is True
+
+
+def test_parameters_the_backend_would_refuse_are_refused_before_sending(addon):
+    with pytest.raises(ValueError, match="scene_steps"):
+        addon.params.reconstruction_params([0, 2], 2048, 0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        addon.params.reconstruction_params([0, 2], 8192, 50)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        addon.params.reconstruction_params([0, 2, 5], 2048, 50)
+
+
+def test_check_connection_shows_how_many_jobs_wait_in_the_queue(addon, scene, prefs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefs.address = f"tcp://127.0.0.1:{port}"
+    prefs.connect_timeout = 5.0
+    server = addon.zmq_context.context().socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(prefs.address)
+    state = bpy.data.window_managers[0].com4d_job
+    try:
+        assert bpy.ops.com4d.check_connection() == {"FINISHED"}
+        assert server.poll(5000), "the add-on said no hello"
+        identity, *frames = server.recv_multipart()
+        hello = addon.protocol.decode(frames, direction="request")
+        queue = {"running": "j0", "queued": ["j1", "j2", "j3"], "length": 4}  # the protocol's shape
+        reply = addon.protocol.make(
+            "hello", hello.id, protocol=1, server="test-backend", model={}, device="cuda:1", queue=queue
+        )
+        server.send_multipart([identity, *addon.protocol.encode(reply)])
+        deadline = time.monotonic() + 10
+        while addon.operators.apply_connection_checks() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.close()
+
+    assert state.connection == "connected: test-backend on cuda:1, 3 queued"

@@ -6,6 +6,7 @@ BLENDER_USER_RESOURCES), the way a user's Blender would install it from disk.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
 
 from .conftest import ROOT, load_build_addon
 
@@ -62,8 +66,9 @@ def test_zip_without_wheels_installs_and_enables_as_an_extension(tmp_path):
 
     assert zip_path.name == "com4d_blender-0.1.0.zip"
     names = zipfile.ZipFile(zip_path).namelist()
-    assert {"blender_manifest.toml", "__init__.py", "protocol.py", "client.py"} <= set(names)
+    assert {"blender_manifest.toml", "__init__.py", "protocol.py", "client.py", "_params.py"} <= set(names)
     assert zipfile.ZipFile(zip_path).read("protocol.py") == (ROOT / "backend" / "protocol.py").read_bytes()
+    assert zipfile.ZipFile(zip_path).read("_params.py") == (ROOT / "com4d" / "params.py").read_bytes()
     installed = install_in_fresh_blender(zip_path, tmp_path / "user")
 
     assert installed["result"] == ["FINISHED"]
@@ -84,24 +89,58 @@ def cached_wheels():
         pytest.skip(f"the wheels cannot be fetched (offline?): {str(err)[:200]}")
 
 
-def test_bundled_wheels_cover_every_platform_and_python(cached_wheels):
+def blender_ext():
+    """Blender's own extension tool, as a module: its wheel-platform rules are the ones that count."""
+    cli = load_build_addon().blender_ext_cli()
+    assert cli is not None, "bpy ships blender_ext.py"
+    spec = importlib.util.spec_from_file_location("blender_ext", cli)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runs_on_python(wheel: str, python: str) -> bool:
+    """Whether a CPython `python` ("3.13") can load the wheel: its own ABI, or a stable ABI no newer."""
+    _, _, _, tags = parse_wheel_filename(wheel)
+    minor = int(python.split(".")[1])
+    return any(
+        (t.interpreter == t.abi == f"cp3{minor}")
+        or (t.abi == "abi3" and t.interpreter.startswith("cp3") and int(t.interpreter[3:]) <= minor)
+        for t in tags
+    )
+
+
+def test_the_manifest_declares_the_platforms_the_build_fetches_wheels_for():
+    manifest = tomllib.loads((ROOT / "blender_addon" / "blender_manifest.toml").read_text())
+    assert sorted(manifest["platforms"]) == sorted(load_build_addon().PLATFORMS)
+    assert {"windows-arm64", "linux-arm64"} <= set(manifest["platforms"])
+
+
+def test_bundled_wheels_cover_every_declared_platform_and_python(cached_wheels):
+    declared = tomllib.loads((ROOT / "blender_addon" / "blender_manifest.toml").read_text())["platforms"]
+    compatible = blender_ext().blender_platform_compatible_with_wheel_platform
     names = [w.name for w in cached_wheels]
     for package in ("pyzmq", "msgpack"):
-        for platform in ("manylinux", "win_amd64", "macosx"):
-            for python in ("cp311", "cp313") if package == "msgpack" else ("cp311", "abi3"):
-                assert any(n.startswith(package) and platform in n and python in n for n in names), (
-                    f"no {package} wheel for {python} on {platform}"
-                )
-    assert any("arm64" in n or "universal2" in n for n in names if n.startswith("pyzmq") and "macosx" in n)
-    assert any("x86_64" in n or "universal2" in n for n in names if n.startswith("msgpack") and "macosx" in n)
+        for python in load_build_addon().PYTHON_VERSIONS:
+            for platform in declared:
+                assert any(
+                    name.startswith(package + "-")
+                    and runs_on_python(name, python)
+                    and any(compatible(platform, t.platform) for t in parse_wheel_filename(name)[3])
+                    for name in names
+                ), f"no {package} wheel for Python {python} on {platform}"
+    for name in names:  # and nothing for a platform the manifest does not declare
+        assert any(compatible(p, t.platform) for p in declared for t in parse_wheel_filename(name)[3]), name
 
 
 def test_zip_with_wheels_installs_and_its_wheels_load(tmp_path, cached_wheels):
     wheel_dir = tmp_path / "wheels"
     wheel_dir.mkdir()
-    for wheel in cached_wheels:
-        if "manylinux" in wheel.name and ("cp311" in wheel.name):
+    here = set(sys_tags())
+    for wheel in cached_wheels:  # the wheels this Python on this machine loads (Blender picks the same)
+        if here & set(parse_wheel_filename(wheel.name)[3]):
             shutil.copy2(wheel, wheel_dir / wheel.name)
+    assert len(list(wheel_dir.iterdir())) == 2
     build_addon = load_build_addon()
     assert build_addon.main(["--wheels-from", str(wheel_dir), "--out", str(tmp_path / "dist")]) == 0
     zip_path = tmp_path / "dist" / "com4d_blender-0.1.0.zip"

@@ -2,29 +2,25 @@
 tracks mark an object, and the meshes stream into the scene; a second job is cancelled.
 
 The backend is started by the add-on itself (Preferences > Start a Local Backend), as an artist
-would. SAM is a tiny random model: its masks are arbitrary, so the object is marked on every frame
-(a track followed through the clip), which keeps segmentation from losing it.
+would, with the preferences' Python for the backend: the backend's own environment with torch, not
+Blender's Python. Without the backend or the library these tests fail; they never skip.
+SAM is a tiny random model: its masks are arbitrary, so the object is marked on every frame (a track
+followed through the clip), which keeps segmentation from losing it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import time
 from pathlib import Path
 
 import bpy
 import pytest
 
-from .conftest import ROOT, write_video
+from .conftest import backend_python, write_video
 
 pytestmark = pytest.mark.slow
 
-sys.path.insert(0, str(ROOT / "tests"))
-from parity_utils import parity_dir  # noqa: E402
-
-WEIGHTS = parity_dir() / "weights"
 TIMEOUT_S = 150
 
 
@@ -34,32 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory) -> Path:
-    """A tiny SAM checkpoint, built by the library tests' own builder (segment-anything modules)."""
-    if importlib.util.find_spec("com4d.pipeline") is None or not (ROOT / "backend" / "cli.py").is_file():
-        pytest.skip("the backend or the library pipeline is not there yet")
-    if not WEIGHTS.is_dir():
-        pytest.skip(f"no tiny weights at {WEIGHTS}")
-    builder_path = ROOT / "tests" / "com4d" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("com4d_tests_conftest", builder_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    import torch
-
-    path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
-    torch.save(module.build_tiny_sam().state_dict(), path)
-    return path
-
-
 @pytest.fixture
-def local_backend_prefs(addon, prefs, tiny_sam, tmp_path):
+def local_backend_prefs(addon, prefs, library, library_facts, tmp_path):
+    """A local backend in the backend's Python (which need not be Blender's), tiny weights, on the CPU."""
     prefs.address = f"tcp://127.0.0.1:{free_port()}"
     prefs.use_local_backend = True
-    prefs.python = sys.executable
-    prefs.weights = str(WEIGHTS)
-    prefs.sam_checkpoint = str(tiny_sam)
+    prefs.python = backend_python()
+    prefs.weights = library_facts["weights"]
+    prefs.sam_checkpoint = str(library / "tiny_sam.pth")
     prefs.store = str(tmp_path / "store")
     prefs.device = "cpu"
     prefs.connect_timeout = 1.0

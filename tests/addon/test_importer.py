@@ -4,52 +4,24 @@ right collections, objects, keyframes and timeline frames."""
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 
 import bpy
 import numpy as np
 import pytest
 
-from com4d.scene import SceneWriter
+from .library_outputs import FRAMES, garden_cat_vertices, grid_mesh
 
-FRAMES = [0, 2, 4]
 CLIP_START = 10  # the clip sits at timeline frame 10: source frame f shows at 10 + f
 
 
-def grid_mesh(seed: int, n: int = 4):
-    """An (n x n) grid of vertices, triangulated, jittered: a recognisable small mesh."""
-    rng = np.random.default_rng(seed)
-    u, v = np.meshgrid(np.linspace(-0.5, 0.5, n), np.linspace(-0.5, 0.5, n))
-    vertices = np.stack([u.ravel(), v.ravel(), rng.uniform(-0.1, 0.1, n * n)], axis=1).astype(np.float32)
-    faces = []
-    for r in range(n - 1):
-        for c in range(n - 1):
-            a = r * n + c
-            faces += [[a, a + 1, a + n], [a + 1, a + n + 1, a + n]]
-    return vertices, np.asarray(faces, np.int32)
-
-
 @pytest.fixture
-def output_folder(tmp_path):
-    """A complete reconstruction: a static table, a per-frame dog, a tracked cat."""
+def output_folder(library, tmp_path):
+    """A complete reconstruction: a static table, a per-frame dog, a tracked cat (a copy to change)."""
     out = tmp_path / "out"
-    writer = SceneWriter(
-        out,
-        ["table"],
-        ["dog", "cat"],
-        FRAMES,
-        0,
-        {"input": "garden.mp4", "width": 160, "height": 120, "fps": 24.0},
-        {"num_tokens": 1024},
-    )
-    writer.add_static(0, *grid_mesh(1))
-    for k, frame in enumerate(FRAMES):
-        vertices, faces = grid_mesh(10 + k, n=3 + k)  # a different topology on every frame
-        writer.add_dynamic_frame(0, frame, vertices + [0.1 * k, 0, 0], faces)
-    base, faces = grid_mesh(20)
-    cat_vertices = np.stack([base + [0, 0.2 * k, 0] for k in range(len(FRAMES))]).astype(np.float32)
-    writer.set_tracked(1, FRAMES, cat_vertices, faces, [])
-    writer.finish()
-    return out, cat_vertices
+    shutil.copytree(library / "garden", out)
+    return out, garden_cat_vertices()
 
 
 def z_up(vertices):
@@ -113,6 +85,19 @@ def test_static_mesh_is_the_written_mesh_turned_z_up_with_its_colour(scene, outp
     table_colour = next(o["color"] for o in manifest["objects"] if o["name"] == "table")
     np.testing.assert_allclose(table.color[:3], table_colour, atol=1e-6)
     np.testing.assert_allclose(table.active_material.diffuse_color[:3], table_colour, atol=1e-6)
+
+
+def test_materials_get_the_object_colour_through_nodes_without_deprecated_api(scene, output_folder):
+    out, _ = output_folder
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bpy.ops.com4d.import_folder(directory=str(out), clip_frame_start=CLIP_START)
+
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+    table = bpy.data.objects["table"]
+    bsdf = table.active_material.node_tree.nodes["Principled BSDF"]
+    np.testing.assert_allclose(bsdf.inputs["Base Color"].default_value[:3], table.color[:3], atol=1e-6)
+    assert table.active_material.node_tree.nodes["Material Output"].inputs["Surface"].is_linked
 
 
 @pytest.mark.parametrize(
@@ -185,15 +170,8 @@ def test_a_result_that_arrives_twice_replaces_the_first(addon, scene):
     assert len(bpy.data.meshes) == 2  # the replaced meshes are gone
 
 
-def test_tracked_object_gives_way_to_per_frame_meshes_where_tracking_fell_back(scene, tmp_path):
-    out = tmp_path / "out"
-    writer = SceneWriter(out, [], ["cat"], FRAMES, 0, {"input": "cat.mp4"}, {})
-    base, faces = grid_mesh(20)
-    for frame in FRAMES:  # the pipeline writes per-frame meshes first, then the tracked topology
-        writer.add_dynamic_frame(0, frame, *grid_mesh(30 + frame, n=5))
-    writer.set_tracked(0, FRAMES, np.stack([base] * len(FRAMES)), faces, fallback_frames=[2])
-    writer.finish()
-
+def test_tracked_object_gives_way_to_per_frame_meshes_where_tracking_fell_back(scene, library):
+    out = library / "fallback_cat"  # per-frame meshes on every frame, tracking fell back on frame 2
     assert bpy.ops.com4d.import_folder(directory=str(out), clip_frame_start=CLIP_START) == {"FINISHED"}
 
     assert sorted(o.name for o in bpy.data.objects if o.type == "MESH") == ["cat", "cat_f000002"]

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import zmq
 
-from com4d.scene import object_color
-
 
 def wire(protocol, type_, arrays=None, **fields):
     """A message as the add-on receives it: encoded to frames and decoded back, checked as a reply."""
@@ -48,7 +46,8 @@ def poll_all(addon, session):
         pass
 
 
-def test_streamed_messages_become_progress_objects_and_a_done_report(addon, session):
+def test_streamed_messages_become_progress_objects_and_a_done_report(addon, session, library_facts):
+    colours = library_facts["colours"]  # the library's object colours, by object index
     protocol = addon.protocol
     state = bpy.data.window_managers[0].com4d_job
     feed(addon, session, "connected", {"server": "com4d-backend 0.1", "device": "cuda:0"})
@@ -150,9 +149,9 @@ def test_streamed_messages_become_progress_objects_and_a_done_report(addon, sess
     assert [k.name for k in cat.data.shape_keys.key_blocks] == ["Basis", "frame_000000", "frame_000002"]
     assert bpy.data.objects["dog_f000002"]["com4d_scene_frame"] == 7  # clip starts at 5: frame 2 -> 7
     # colours as the library writes them into scene.json: statics first (1 here), then dynamics
-    assert bpy.data.objects["table"].color[:3] == pytest.approx(object_color(0), abs=1e-6)
-    assert bpy.data.objects["dog_f000002"].color[:3] == pytest.approx(object_color(1 + 0), abs=1e-6)
-    assert cat.color[:3] == pytest.approx(object_color(1 + 1), abs=1e-6)
+    assert bpy.data.objects["table"].color[:3] == pytest.approx(colours[0], abs=1e-6)
+    assert bpy.data.objects["dog_f000002"].color[:3] == pytest.approx(colours[1 + 0], abs=1e-6)
+    assert cat.color[:3] == pytest.approx(colours[1 + 1], abs=1e-6)
     assert ("WARNING", "dog was lost on frame 2") in session.reported
     assert session.reported[-1] == ("INFO", "COM4D: reconstruction done (4 meshes)")
 

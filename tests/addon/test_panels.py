@@ -110,3 +110,46 @@ def test_panels_draw_in_every_state(addon, clip, job_state):
         assert any(kind == "label" and "ran out of memory" in text for kind, text in reconstruct)
     assert ("list", "objects") in logs["COM4D_PT_objects"]
     assert ("prop", "address") in logs["prefs"] and ("operator", "com4d.start_backend") in logs["prefs"]
+
+
+def test_the_panels_set_every_schema_field_a_user_should_set(addon, clip):
+    """Every field of the library's schema is drawn in a panel, or left to the backend for a stated reason."""
+    from com4d.params import SPECS
+
+    params = addon.params
+    fields = {spec.name for spec in SPECS}
+    assert set(params.CLIP_SETTING) | set(params.LEFT_TO_THE_BACKEND) == fields
+    assert not set(params.CLIP_SETTING) & set(params.LEFT_TO_THE_BACKEND)
+    drawn = {
+        name
+        for cls in (bpy.types.COM4D_PT_objects, bpy.types.COM4D_PT_reconstruct)
+        for kind, name in draw(cls, clip)
+        if kind == "prop"
+    }
+    assert set(params.CLIP_SETTING.values()) <= drawn
+    sent = params.reconstruction_params([0, 2], 2048, 50)
+    assert set(sent) == set(params.CLIP_SETTING)  # nothing is sent that no setting controls
+
+
+def test_the_clip_settings_take_their_defaults_and_ranges_from_the_schema(addon, clip):
+    from com4d.params import SPEC_BY_NAME
+
+    settings = clip.com4d.bl_rna.properties
+    for setting, field in [
+        ("frame_stride", "frame_stride"),
+        ("steps", "scene_steps"),
+        ("guidance", "scene_guidance"),
+        ("seed", "seed"),
+        ("mesh_detail", "mesh_final_depth"),
+    ]:
+        spec = SPEC_BY_NAME[field]
+        prop = settings[setting]
+        assert prop.default == pytest.approx(spec.default), setting
+        assert prop.hard_min == pytest.approx(spec.min), setting
+        assert prop.hard_max == pytest.approx(min(spec.max or 2**31 - 1, 2**31 - 1)), setting
+    assert settings["num_tokens"].default == str(SPEC_BY_NAME["num_tokens"].default)
+    tokens = [int(item.identifier) for item in settings["num_tokens"].enum_items]
+    assert all(SPEC_BY_NAME["num_tokens"].min <= n <= SPEC_BY_NAME["num_tokens"].max for n in tokens)
+    assert settings["topology"].default == SPEC_BY_NAME["topology"].default
+    assert {item.identifier for item in settings["topology"].enum_items} == set(SPEC_BY_NAME["topology"].choices)
+    assert settings["allow_lost"].default == SPEC_BY_NAME["allow_lost"].default
