@@ -1,0 +1,235 @@
+"""Cluster mode (backend/cluster.py) on a real local Ray runtime with two logical GPUs, CPU devices and
+the tiny weights: jobs go through a real server and client on loopback; the in-process worker is the
+reference. One Ray runtime serves the whole module and is shut down at its end."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from backend_helpers import FAST_PARAMS, collect_job, start_server, weights_dir
+
+from backend.client import Client
+from backend.cluster import ClusterConfig, ClusterWorker
+from backend.cluster_actor import pack_files, unpack_files
+from backend.server import Server, ServerConfig
+from backend.store import JobStore
+
+ray = pytest.importorskip("ray", reason="cluster mode needs the `cluster` extra (ray)")
+
+# Stage B long enough to act on a running job after its first (static) mesh has been sent.
+LONG_STAGE_B = {**FAST_PARAMS, "dynamic_steps": 150}
+# Stage A long enough to see two jobs running at once, or to cancel one.
+LONG_STAGE_A = {**FAST_PARAMS, "scene_steps": 150, "scene_mix_cutoff": 150}
+
+
+def out_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def mesh_events(events: list) -> dict[tuple, tuple[bytes, bytes]]:
+    """(name, frame) -> the bytes of the streamed vertices and faces, for every mesh event."""
+    return {
+        (m["name"], m["frame"]): (m.arrays["vertices"].tobytes(), m.arrays["faces"].tobytes())
+        for m in events
+        if m.type == "mesh"
+    }
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[None]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster_server(ray_runtime, tmp_path_factory) -> Iterator[Server]:
+    """A server whose jobs run on two worker actors (one per logical GPU), files written in place."""
+    store = JobStore(tmp_path_factory.mktemp("cluster") / "store")
+    server = Server(None, store, ServerConfig(bind="tcp://127.0.0.1:*"))
+    config = ClusterConfig(weights=str(weights_dir()), device="cpu", dtype="float32", job_retries=1)
+    server.worker = server.pipeline = ClusterWorker(store, server._post, config)
+    server.worker.connect()  # Ray's workers load their weights before the server answers anyone
+    server.start()
+    wait_for(lambda: server.worker.snapshot()["workers"] == 2, 120, "two loaded cluster workers")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, tiny_masks_dir, tmp_path_factory) -> tuple[dict[str, bytes], dict]:
+    """The in-process worker's output files and streamed meshes of the FAST_PARAMS job."""
+    server = start_server(tiny_pipeline, tmp_path_factory.mktemp("in_process") / "store")
+    try:
+        with Client(server.address, timeout=30) as client:
+            job = client.submit(masks=tiny_masks_dir, params=FAST_PARAMS)
+            events = collect_job(client, job)
+        assert events[-1].type == "done"
+        return out_files(server.store.out_dir(job)), mesh_events(events)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_masks_dir() -> Path:
+    from backend_helpers import masks_dir
+
+    return masks_dir()
+
+
+@pytest.fixture
+def cluster_client(cluster_server) -> Iterator[Client]:
+    with Client(cluster_server.address, timeout=30, name="pytest-cluster") as client:
+        yield client
+
+
+@pytest.mark.parametrize("files", ["auto", "stream"])
+def test_a_cluster_job_gives_the_in_process_files_and_meshes_byte_for_byte(
+    cluster_server, cluster_client, tiny_masks_dir, reference, files
+):
+    # "auto": the worker is on the server's machine and writes into the store; "stream": as a worker
+    # on another machine would, it gets the inputs as bytes and sends every output file back.
+    cluster_server.worker.config.files = files
+    try:
+        job = cluster_client.submit(masks=tiny_masks_dir, params=FAST_PARAMS, same_machine=False)
+        events = collect_job(cluster_client, job)
+    finally:
+        cluster_server.worker.config.files = "auto"
+    assert events[-1].type == "done", events[-1].fields
+    ref_files, ref_meshes = reference
+    files_now = out_files(cluster_server.store.out_dir(job))
+    assert sorted(files_now) == sorted(ref_files) and len(ref_files) >= 5
+    for name, data in ref_files.items():
+        if name == "scene.json":  # the manifest names the job's own input folder
+            continue
+        assert files_now[name] == data, name
+    assert mesh_events(events) == ref_meshes
+    assert cluster_client.status(job)["state"] == "done"
+
+
+def test_two_jobs_run_at_once_on_two_workers(cluster_server, cluster_client, tiny_masks_dir, reference):
+    jobs = [cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_A) for _ in range(2)]
+    both = wait_for(
+        lambda: set(cluster_server.worker.snapshot()["running_jobs"]) == set(jobs), 60, "both jobs running at once"
+    )
+    assert both and cluster_server.worker.snapshot()["queued"] == []
+    for job in jobs:
+        events = collect_job(cluster_client, job)
+        assert events[-1].type == "done", events[-1].fields
+        assert [m["job"] for m in events] == [job] * len(events)  # no event of the other job
+    a, b = (out_files(cluster_server.store.out_dir(job)) for job in jobs)
+    a.pop("scene.json"), b.pop("scene.json")
+    assert a == b and len(a) == 4
+
+
+def test_cancel_reaches_the_running_step_on_the_worker(cluster_server, cluster_client, tiny_masks_dir):
+    job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_A)
+    events = cluster_client.job_events(job, timeout=60)
+    for message in events:
+        if message.type == "progress" and message["stage"] == "stage_a":
+            break
+    started = time.monotonic()
+    assert cluster_client.cancel(job)["state"] == "running"
+    rest = list(events)
+    assert rest[-1].type == "error" and rest[-1]["code"] == "cancelled"
+    assert time.monotonic() - started < 10
+    stage_a = [m["step"] for m in rest if m.type == "progress" and m["stage"] == "stage_a"]
+    assert not stage_a or stage_a[-1] < LONG_STAGE_A["scene_steps"]
+    assert cluster_client.status(job)["state"] == "cancelled"
+    wait_for(lambda: cluster_server.worker.snapshot()["length"] == 0, 30, "the worker to be free again")
+
+
+def _kill_after_first_mesh(server: Server, client: Client, job: str) -> tuple[list, bytes, str]:
+    """Read the job's events until its first mesh, then kill the worker actor running it (Ray restarts
+    it). Returns the events so far, the mesh file's bytes at that moment and its path."""
+    events = []
+    stream = client.job_events(job, timeout=60)
+    for message in stream:
+        events.append(message)
+        if message.type == "mesh":
+            break
+    path = events[-1]["path"]
+    data = (server.store.out_dir(job) / path).read_bytes()
+    member = server.worker._member_of(job)
+    ray.kill(member.actor, no_restart=False)
+    events.extend(stream)
+    return events, data, path
+
+
+def test_a_job_whose_worker_is_killed_runs_again_and_keeps_what_was_finished(
+    cluster_server, cluster_client, tiny_masks_dir
+):
+    job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_B)
+    events, static_glb, path = _kill_after_first_mesh(cluster_server, cluster_client, job)
+    assert events[-1].type == "done", events[-1].fields
+    lost = [m for m in events if m.type == "warning" and m["code"] == "worker_lost"]
+    assert len(lost) == 1 and "attempt 2 of 2" in lost[0]["message"]
+    keys = [(m["name"], m["frame"]) for m in events if m.type == "mesh"]
+    assert len(keys) == len(set(keys)) == 4  # the retry did not send the static mesh again
+    assert (cluster_server.store.out_dir(job) / path).read_bytes() == static_glb
+    assert cluster_client.status(job)["state"] == "done"
+    # Ray restarted the killed actor: both workers take jobs again.
+    wait_for(lambda: cluster_server.worker.snapshot()["workers"] == 2, 60, "the killed worker to be back")
+
+
+def test_without_retries_a_killed_workers_job_is_interrupted_and_keeps_its_meshes(
+    cluster_server, cluster_client, tiny_masks_dir
+):
+    cluster_server.worker.config.job_retries = 0
+    try:
+        job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_B)
+        events, static_glb, path = _kill_after_first_mesh(cluster_server, cluster_client, job)
+    finally:
+        cluster_server.worker.config.job_retries = 1
+    assert events[-1].type == "error" and events[-1]["code"] == "interrupted"
+    assert "finished meshes are kept" in events[-1]["message"]
+    assert (cluster_server.store.out_dir(job) / path).read_bytes() == static_glb
+    cluster_client.fetch(job)  # a client that comes back later still gets the finished mesh
+    replay = collect_job(cluster_client, job)
+    assert [m["path"] for m in replay if m.type == "mesh"] == [path] and replay[-1]["code"] == "interrupted"
+    assert cluster_client.status(job)["state"] == "failed"
+    wait_for(lambda: cluster_server.worker.snapshot()["workers"] == 2, 60, "the killed worker to be back")
+
+
+def test_bad_cluster_settings_are_refused_with_what_is_wrong(tmp_path):
+    store = JobStore(tmp_path / "store")
+    with pytest.raises(ValueError, match="files must be one of"):
+        ClusterWorker(store, lambda *a: None, ClusterConfig(weights="w", files="nfs"))
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        ClusterWorker(store, lambda *a: None, ClusterConfig(weights="w", workers=0))
+
+
+def test_shipped_files_cannot_leave_their_folder(tmp_path):
+    (tmp_path / "src" / "masks").mkdir(parents=True)
+    (tmp_path / "src" / "masks" / "a.png").write_bytes(b"\x89PNG")
+    is_file, files = pack_files(tmp_path / "src")
+    assert not is_file and files == {"masks/a.png": b"\x89PNG"}
+    unpack_files(files, tmp_path / "dst")
+    assert (tmp_path / "dst" / "masks" / "a.png").read_bytes() == b"\x89PNG"
+    with pytest.raises(ValueError, match="leaves its folder"):
+        unpack_files({"../escape.glb": b"x"}, tmp_path / "dst")
+    assert not (tmp_path / "escape.glb").exists()
+    np.testing.assert_equal(pack_files(tmp_path / "src" / "masks" / "a.png"), (True, {"a.png": b"\x89PNG"}))
