@@ -20,18 +20,6 @@ EXAMPLES = """examples:
   com4d-backend serve --weights ~/models --bind tcp://0.0.0.0:5555 --keys ~/com4d-keys \\
       --clients ~/com4d-keys/clients
   com4d-backend ping --connect tcp://127.0.0.1:5555
-  com4d-backend serve --weights ~/models --store ~/com4d-jobs/gpu0 --device cuda:0 \\
-      --connect tcp://127.0.0.1:5600 --name gpu0      # a worker of `com4d-backend front`
-"""
-
-FRONT_EXAMPLES = """examples:
-  com4d-backend front --bind tcp://127.0.0.1:5555 --workers tcp://127.0.0.1:5600
-  com4d-backend serve --weights ~/models --store ~/com4d-jobs/gpu0 --device cuda:0 \\
-      --connect tcp://127.0.0.1:5600 --name gpu0
-  com4d-backend serve --weights ~/models --store ~/com4d-jobs/gpu1 --device cuda:1 \\
-      --connect tcp://127.0.0.1:5600 --name gpu1
-  com4d-backend front --bind tcp://0.0.0.0:5555 --keys ~/com4d-keys --clients ~/com4d-keys/clients \\
-      --workers ipc:///run/com4d/workers
 """
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -79,18 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--weights", required=True, type=Path, help="folder with TripoSG/ and COM4D/")
     serve.add_argument("--sam", type=Path, default=None, help="SAM checkpoint (needed for video + prompts)")
-    where = serve.add_mutually_exclusive_group()
-    where.add_argument("--bind", default=None, help="ZeroMQ endpoint for clients (default tcp://127.0.0.1:5555)")
-    where.add_argument(
-        "--connect",
-        default=None,
-        metavar="ADDRESS",
-        help="be a worker of the front end whose --workers address this is, instead of binding",
-    )
-    serve.add_argument("--name", default=None, help="with --connect: this worker's name (e.g. gpu0), its jobs' prefix")
-    serve.add_argument(
-        "--heartbeat", type=float, default=1.0, help="with --connect: seconds between heartbeats (default %(default)s)"
-    )
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint for clients (%(default)s)")
     serve.add_argument("--store", type=Path, default=Path("com4d-jobs"), help="job store folder")
     serve.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default %(default)s)")
     serve.add_argument(
@@ -117,34 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-objects", type=int, default=32)
     serve.add_argument("--max-video", type=parse_size, default=2 << 30, help="largest video upload")
     serve.add_argument("-v", "--verbose", action="store_true")
-
-    front = sub.add_parser(
-        "front",
-        help="one address for several workers (one `serve --connect` per GPU)",
-        epilog=FRONT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    front.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint for clients (%(default)s)")
-    front.add_argument(
-        "--workers",
-        default="tcp://127.0.0.1:5600",
-        help="endpoint the workers connect to, on this machine: tcp://127.0.0.1:PORT or ipc://PATH (%(default)s)",
-    )
-    front.add_argument("--keys", type=Path, default=None, help="folder with server.key_secret (CurveZMQ)")
-    front.add_argument("--clients", type=Path, default=None, help="folder of admitted client public keys")
-    front.add_argument(
-        "--allow-any-client",
-        action="store_true",
-        help="with --keys: admit any client that knows the server's public key",
-    )
-    front.add_argument("--max-video", type=parse_size, default=2 << 30, help="largest video upload")
-    front.add_argument(
-        "--startup-grace",
-        type=float,
-        default=3.0,
-        help="seconds after a start during which requests wait for their worker to announce itself",
-    )
-    front.add_argument("-v", "--verbose", action="store_true")
 
     keys = sub.add_parser(
         "keys",
@@ -185,16 +134,11 @@ def _listen_keys(args: argparse.Namespace, config: ListenConfig) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from backend.server import Server, ServerConfig, check_security, check_worker_config
+    from backend.server import Server, ServerConfig, check_security
     from backend.store import JobStore
 
-    if args.connect is not None and (args.keys or args.clients or args.allow_any_client):
-        raise ValueError("a worker (--connect) takes no keys: give --keys and --clients to the front end")
     config = ServerConfig(
-        bind=args.bind or "tcp://127.0.0.1:5555",
-        connect=args.connect,
-        name=args.name,
-        heartbeat_s=args.heartbeat,
+        bind=args.bind,
         device=args.device,
         memory_budget=args.memory_budget,
         max_queue=args.max_queue,
@@ -203,9 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_video_bytes=args.max_video,
     )
     _listen_keys(args, config)
-    check_worker_config(config)  # these two before minutes of weight loading
-    if config.connect is None:
-        check_security(config)
+    check_security(config)  # before minutes of weight loading
     from com4d.pipeline import COM4DPipeline
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
@@ -213,10 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     pipeline = COM4DPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, sam_checkpoint=args.sam)
     server = Server(pipeline, JobStore(args.store), config)
     server.bind()
-    if config.connect is None:
-        print(f"com4d-backend serving on {server.address}", flush=True)
-    else:
-        print(f"com4d-backend worker {config.name} joining the front end at {server.address}", flush=True)
+    print(f"com4d-backend serving on {server.address}", flush=True)
 
     def stop(signum: int, frame: object) -> None:
         server.request_stop()
@@ -224,26 +163,6 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     server.serve_forever()
-    return 0
-
-
-def _front(args: argparse.Namespace) -> int:
-    from backend.front import FrontConfig, FrontEnd
-
-    config = FrontConfig(
-        bind=args.bind, workers=args.workers, max_video_bytes=args.max_video, startup_grace_s=args.startup_grace
-    )
-    _listen_keys(args, config)
-    front = FrontEnd(config)
-    front.bind()
-    print(f"com4d-backend front end serving on {front.address}; workers connect to {front.workers_address}", flush=True)
-
-    def stop(signum: int, frame: object) -> None:
-        front.request_stop()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    front.serve_forever()
     return 0
 
 
@@ -275,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    commands = {"serve": _serve, "front": _front, "keys": _keys, "ping": _ping}
+    commands = {"serve": _serve, "keys": _keys, "ping": _ping}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,7 +1,6 @@
 """The socket clients reach: where it binds, what it admits, how large a request may be.
 
-A single backend (`com4d-backend serve`) and a front end for several workers (`com4d-backend
-front`) face clients with the same ROUTER and the same rules, defined once here (docs/deploy.md):
+The backend (`com4d-backend serve`) faces clients with one ROUTER and these rules (docs/deploy.md):
 loopback binds only unless CurveZMQ keys are given, and then only admitted clients; frames above
 the largest allowed file are refused by libzmq before it allocates them.
 """

@@ -95,7 +95,6 @@ ERROR_CODES: dict[str, str] = {
     "out_of_memory": "the job needs more (GPU) memory than available; see `advice`",
     "cancelled": "the job was cancelled by a client",
     "interrupted": "the server stopped while the job was queued or running; resubmit it",
-    "worker_unavailable": "behind a front end: the worker that holds the job (or any worker) is not connected",
     "internal": "an unexpected server error; the server keeps serving",
 }
 
@@ -172,14 +171,12 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "queue": _f("map", True),
         "limits": _f("map"),
         "paths_allowed": _f("bool"),
-        "workers": _f("list", doc="behind a front end: one map per connected worker"),
     },
     "pong": {
         "busy": _f("bool", True),
         "job": _f("str", nullable=True),
         "queued": _f("int"),
         "gpu_free_bytes": _f("int", nullable=True),
-        "workers": _f("list", doc="behind a front end: one map per connected worker"),
     },
     "accepted": {"job": _f("str", True), "position": _f("int")},
     "progress": _PROGRESS_FIELDS,

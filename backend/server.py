@@ -1,8 +1,8 @@
 """The backend service: a socket that answers clients, queues jobs and streams their events.
 
-The socket is a ROUTER bound for clients, or, for a worker behind a front end (several GPUs,
-docs/deploy.md), a DEALER connected to the front end, which forwards `[client identity, header,
-blobs…]`: the same frames a ROUTER delivers, so one loop handles both (backend/link.py).
+The socket is a ROUTER bound for clients (backend/listen.py). The worker that runs the jobs is a
+constructor argument (by default the in-process `backend.worker.Worker`), so another kind of worker
+with the same interface (`backend.worker.JobRunner`) slots in without touching the loop.
 
 One thread owns the socket. It answers `hello`, `ping`, `status`, `cancel`... at once, also while
 a job runs, because the GPU work happens on the worker's thread; the worker hands its events over
@@ -11,7 +11,7 @@ checked (backend/protocol.py) before anything is done with it; anything wrong ge
 reply naming the problem, and no message can take the server down.
 
 Security (docs/deploy.md): loopback binds only unless CurveZMQ keys are given; file paths in
-`submit` only on a loopback bind (behind a front end: a loopback front end); uploaded files land
+`submit` only on a loopback bind; uploaded files land
 inside the job's own folder.
 """
 
@@ -22,11 +22,9 @@ import json
 import logging
 import os
 import queue
-import secrets
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +33,12 @@ from typing import Any
 import zmq
 
 import com4d
-from backend import link, protocol
+from backend import protocol
 from backend.listen import ListenConfig, bound_address, open_listener
 from backend.listen import SecurityError as SecurityError  # re-exported: its home before listen.py
 from backend.listen import check_security as check_security  # re-exported, as SecurityError
 from backend.store import JobStore, StoreError, plain
-from backend.worker import Pipeline, Worker, check_params, device_memory
+from backend.worker import JobRunner, Pipeline, Publish, Worker, check_params, device_memory
 from com4d.errors import COM4DError
 from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, probe_video
 
@@ -60,46 +58,13 @@ class Rejected(Exception):
 
 @dataclass
 class ServerConfig(ListenConfig):
-    """How the server listens (backend/listen.py), what it accepts and where it runs. Sizes in bytes.
-
-    With `connect` the server is a worker of the front end at that address: it binds nothing, and
-    `bind` and the keys are the front end's business. `name` starts its job ids (required then)."""
+    """How the server listens (backend/listen.py), what it accepts and where it runs. Sizes in bytes."""
 
     device: str = "cpu"
     memory_budget: int | None = None  # bytes; the worker's cap for every job
     max_queue: int = 16
     max_objects: int = 32
     max_frames: int = 1024
-    connect: str | None = None  # a front end's worker endpoint (`com4d-backend front --workers`)
-    name: str | None = None  # this worker's name, the prefix of its job ids
-    heartbeat_s: float = 1.0  # behind a front end: how often to say "still here"
-
-
-def check_worker_config(cfg: ServerConfig) -> None:
-    """Refuse a worker set-up the front end could not use (ValueError saying what to change)."""
-    if cfg.connect is None:
-        if cfg.name is not None:
-            link.check_worker_name(cfg.name)
-        return
-    link.check_link_address(cfg.connect, "the front end's worker address")
-    if cfg.name is None:
-        raise ValueError("a worker needs a --name (e.g. gpu0): it starts the ids of the worker's jobs")
-    link.check_worker_name(cfg.name)
-    if cfg.server_keys is not None or cfg.authorized_clients is not None:
-        raise ValueError("a worker takes no keys: give --keys and --clients to the front end")
-    if not cfg.heartbeat_s > 0:
-        raise ValueError(f"the heartbeat interval must be positive, not {cfg.heartbeat_s}")
-
-
-@dataclass
-class _FrontLink:
-    """A worker's view of its front end."""
-
-    instance: str  # this process's token: tells the front end a restart from a reconnect
-    welcomed: bool = False
-    paths_allowed: bool = False  # the front end's clients are on this machine
-    last_sent: float = 0.0
-    refusal: str | None = None
 
 
 @dataclass
@@ -111,19 +76,29 @@ class _Subscriber:
 class Server:
     """The backend service. `serve_forever()` blocks; `start()` runs it on a thread (for tests)."""
 
-    def __init__(self, pipeline: Pipeline, store: JobStore, config: ServerConfig | None = None):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: JobStore,
+        config: ServerConfig | None = None,
+        worker: Callable[[Publish], JobRunner] | None = None,
+    ):
+        """`worker` makes the job runner from the function it must hand every job event to (the
+        default: `Worker(pipeline, store, publish, ...)`, jobs on a thread of this process)."""
         self.pipeline = pipeline
         self.store = store
         self.config = config or ServerConfig()
-        self.worker = Worker(
-            pipeline, store, self._post, memory_budget=self.config.memory_budget, device=self.config.device
-        )
+        if worker is None:
+            cfg = self.config
+
+            def worker(publish: Publish) -> JobRunner:
+                return Worker(pipeline, store, publish, memory_budget=cfg.memory_budget, device=cfg.device)
+
+        self.worker = worker(self._post)
         self.address: str | None = None
         self._context: zmq.Context | None = None
-        self._socket: zmq.Socket | None = None  # the clients' ROUTER, or the DEALER to a front end
+        self._socket: zmq.Socket | None = None  # the clients' ROUTER
         self._auth: Any = None
-        self._link = _FrontLink(secrets.token_hex(8)) if self.config.connect is not None else None
-        self._job_prefix = link.job_prefix(self.config.name) if self.config.name else ""
         self._outbox: queue.SimpleQueue[tuple[str, int, protocol.Message]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -144,34 +119,15 @@ class Server:
     # -- life cycle ------------------------------------------------------------------------------
 
     def bind(self) -> str:
-        """Create the socket and bind (or connect to the front end); returns the endpoint (a bound
-        `:*` port resolved)."""
-        cfg = self.config
-        check_worker_config(cfg)
+        """Create the socket and bind; returns the endpoint (a bound `:*` port resolved)."""
         self._context = zmq.Context()
-        if cfg.connect is not None:
-            self._socket = self._connect_to_front()
-            self.address = cfg.connect
-            return self.address
         try:
-            self._socket, self._auth = open_listener(self._context, cfg)
+            self._socket, self._auth = open_listener(self._context, self.config)
         except BaseException:
             self._close_context()
             raise
         self.address = bound_address(self._socket)
         return self.address
-
-    def _connect_to_front(self) -> zmq.Socket:
-        cfg = self.config
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 1000)  # time for the goodbye
-        dealer.setsockopt(zmq.IMMEDIATE, 1)  # while the front end is away nothing queues: clients fetch later
-        dealer.setsockopt(zmq.SNDHWM, 100_000)
-        dealer.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_upload_bytes, cfg.max_header_bytes))
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        dealer.connect(cfg.connect)
-        return dealer
 
     def serve_forever(self) -> None:
         """Recover the store, start the worker and answer messages until `stop()`."""
@@ -181,18 +137,13 @@ class Server:
         if interrupted:
             log.info("marked unfinished jobs as interrupted: %s", ", ".join(interrupted))
         self.worker.start()
-        if self._link is None:
-            log.info("serving on %s (device %s)", self.address, self.config.device)
-        else:
-            log.info("worker %s on %s, joining the front end at %s", self.config.name, self.config.device, self.address)
+        log.info("serving on %s (device %s)", self.address, self.config.device)
         try:
             self._loop()
         finally:
             self.worker.stop()
             self._flush_outbox()
-            if self._link is not None:
-                self._send_link("worker_bye", name=self.config.name, instance=self._link.instance)
-            self._socket.close(None if self._link is not None else 0)
+            self._socket.close(0)
             self._socket = None
             self._close_context()
             self._wake_r.close()
@@ -247,11 +198,8 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        tick_ms = 200 if self._link is None else int(min(200, self.config.heartbeat_s * 500))
         while not self._stop.is_set():
-            if self._link is not None:
-                self._announce()
-            ready = dict(poller.poll(tick_ms))
+            ready = dict(poller.poll(200))
             if self._wake_r.fileno() in ready or self._wake_r in ready:
                 try:
                     while self._wake_r.recv(4096):
@@ -285,10 +233,7 @@ class Server:
             self._socket.send_multipart([identity, *protocol.encode(message)], copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            if self._link is None:
-                log.warning("client %s is not reading; its subscriptions are dropped", identity.hex())
-            else:
-                log.warning("the front end is not reachable; client %s must fetch its jobs again", identity.hex())
+            log.warning("client %s is not reading; its subscriptions are dropped", identity.hex())
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -300,7 +245,6 @@ class Server:
             subs.pop(identity, None)
 
     def _flush_outbox(self) -> None:
-        finished = False
         while True:
             try:
                 job, seq, message = self._outbox.get_nowait()
@@ -312,75 +256,14 @@ class Server:
                     self._send(identity, dataclasses.replace(message, id=sub.request_id))
             if message.type in protocol.FINAL_TYPES:
                 self._subs.pop(job, None)
-                finished = True
-        if finished and self._link is not None:
-            self._announce(now=True)  # the queue is shorter: tell the front end at once
-
-    # -- behind a front end (backend/link.py) ----------------------------------------------------
-
-    def _send_link(self, type_: str, **fields: Any) -> None:
-        try:
-            self._socket.send_multipart(link.message(type_, **fields), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # not connected (yet): the next heartbeat tries again
-
-    def _announce(self, now: bool = False) -> None:
-        """`worker_ready` until welcomed, then a `worker_heartbeat` every `heartbeat_s` (or `now`)."""
-        state, cfg = self._link, self.config
-        interval = cfg.heartbeat_s if state.welcomed or state.refusal else min(cfg.heartbeat_s, 0.25)
-        clock = time.monotonic()
-        if not now and clock - state.last_sent < interval:
-            return
-        state.last_sent = clock
-        snap = self.worker.snapshot()
-        self._send_link(
-            "worker_heartbeat" if state.welcomed else "worker_ready",
-            name=cfg.name,
-            instance=state.instance,
-            protocol=protocol.PROTOCOL_VERSION,
-            heartbeat_s=cfg.heartbeat_s,
-            device=cfg.device,
-            max_queue=cfg.max_queue,
-            length=snap["length"],
-            queued=len(snap["queued"]),
-            running=snap["running"],
-        )
-
-    def _on_link(self, frames: list[zmq.Frame]) -> bool:
-        """Handle the front end's own link messages; False for anything else (its fanned-out
-        `hello`, `ping` and `list_jobs`, answered like any client's)."""
-        try:
-            msg = protocol.decode(frames, self.config.limits)
-            if msg.type not in link.FRONT_MESSAGES:
-                return False
-            link.check(msg, link.FRONT_MESSAGES)
-        except protocol.ProtocolError as exc:
-            log.warning("ignored a bad message from the front end: %s", exc)
-            return True
-        state = self._link
-        if msg.type == "worker_welcome":
-            # A (re)registration: the front end is new or had given this worker up and told its
-            # clients so; either way the old subscriptions are nobody's any more.
-            self._subs.clear()
-            state.welcomed, state.refusal, state.paths_allowed = True, None, msg["paths_allowed"]
-            log.info("joined %s (file paths %s)", msg["front"], "allowed" if msg["paths_allowed"] else "refused")
-        elif msg.type == "worker_refused":
-            if state.refusal != msg["message"]:
-                log.warning("the front end refuses this worker (%s): %s", msg["code"], msg["message"])
-            state.welcomed, state.refusal = False, msg["message"]
-        else:
-            self._drop_client(msg["client"])
-        return True
 
     @property
     def paths_allowed(self) -> bool:
         """Whether `submit` may give file paths: the clients are on this machine."""
-        return self.config.loopback if self._link is None else self._link.paths_allowed
+        return self.config.loopback
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        if self._link is not None and identity == link.CONTROL and self._on_link(frames[1:]):
-            return
         message: protocol.Message | None = None
         try:
             message = protocol.decode(frames[1:], self.config.limits, direction="request")
@@ -516,7 +399,7 @@ class Server:
         else:
             request, source = self._check_submit(msg), None
         label = msg.get("label")
-        record = self.store.new_job(label[:200] if label else None, prefix=self._job_prefix)
+        record = self.store.new_job(label[:200] if label else None)
         try:
             if source is not None:
                 self.store.copy_inputs(source, record.job)
@@ -530,8 +413,6 @@ class Server:
         self.store.update(record.job, request=request)
         self._subs.setdefault(record.job, {})[identity] = _Subscriber(msg.id, 0)
         position = self.worker.enqueue(record.job)
-        if self._link is not None:
-            self._announce(now=True)  # before `accepted`: the front end never counts this job too few
         self._send(identity, protocol.make("accepted", msg.id, job=record.job, position=position))
 
     def _check_resubmit(self, msg: protocol.Message) -> dict[str, Any]:

@@ -114,14 +114,11 @@ class JobStore:
         except (OSError, ValueError, TypeError):
             return None  # not a job folder (or a job.json cut short by a crash while first written)
 
-    def new_job(self, label: str | None = None, prefix: str = "") -> JobRecord:
-        """Make a folder and record for a new job (state `queued`).
-
-        `prefix` starts the id (a worker behind a front end puts its name there, so that the front
-        end can tell from the id alone which worker holds the job)."""
+    def new_job(self, label: str | None = None) -> JobRecord:
+        """Make a folder and record for a new job (state `queued`)."""
         with self._lock:
             while True:
-                job = prefix + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+                job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
                 if job not in self._records:
                     break
             (self.jobs_dir / job / "inputs").mkdir(parents=True)

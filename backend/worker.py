@@ -46,6 +46,23 @@ class Pipeline(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+class JobRunner(Protocol):
+    """What the server needs of whatever runs its jobs: `Worker` below (a thread of this process) or
+    any other runner with the same methods. Every job event goes to the `publish` it was made with."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 30.0) -> None: ...
+
+    def enqueue(self, job: str) -> int: ...
+
+    def cancel(self, job: str) -> str | None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def position(self, job: str) -> int | None: ...
+
+
 def check_params(params: dict[str, Any]) -> Any:
     """The `ReconstructionParams` for a submitted params map; ParameterError names a bad one."""
     from com4d.pipeline import ReconstructionParams

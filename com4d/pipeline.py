@@ -37,116 +37,13 @@ from com4d.events import (
 from com4d.events import Warning as WarningEvent
 from com4d.inputs import SceneInputs, load_inputs
 from com4d.mesher import Mesher
+from com4d.params import ReconstructionParams
 from com4d.scene import SceneWriter, unique_names
 from com4d.scheduler import RectifiedFlowScheduler
 from com4d.vae import ShapeVAE
 from com4d.weights import resolve_weights_root
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ReconstructionParams:
-    """Every knob of a reconstruction, with the official defaults (teaser settings).
-
-    Frames are selected as `frames[frame_start:frame_end:frame_stride]` (indices into the input's
-    frame list); the stage-A scene frame is `stage_a_frame` (an index into the same, un-strided
-    list; default: `frame_start`).
-    """
-
-    num_tokens: int = 2048
-    scene_steps: int = 50
-    dynamic_steps: int = 50
-    scene_guidance: float = 7.0
-    dynamic_guidance: float = 7.0
-    scene_full_image_from_step: int = 5
-    scene_num_parts: int | None = None  # None: the number of static objects named in the input, else 1
-    frame_start: int = 0
-    frame_end: int | None = None
-    frame_stride: int = 2
-    stage_a_frame: int | None = None
-    dynamic_ar_block_size: int = 6
-    dynamic_max_memory_frames: int = 8
-    dynamic_mix_cutoff: int = 20
-    scene_mix_cutoff: int = 50
-    seed: int = 0
-    image_size: int = 518
-    use_frames_no_bg: bool = True
-    mesh_dense_depth: int = 8
-    mesh_final_depth: int = 9
-    topology: str = "per_frame"
-    tracking_threshold: float | None = None
-    allow_lost: bool = False  # segmentation: keep going when an object is lost on some frames
-    memory_budget: int | None = None
-    mesh_workers: int | None = None  # marching-cubes processes; None: 0 below 512^3 or < 4 cores, else <= 4
-    combined_frames: bool = True
-    preview: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ReconstructionParams:
-        """Build from untrusted names/values (CLI, wire), with a clear error for each problem."""
-        if not isinstance(values, dict):
-            raise ParameterError("parameters must be a mapping of names to values")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for name, value in values.items():
-            if name not in fields:
-                raise ParameterError(f"unknown parameter {name!r} (known: {', '.join(sorted(fields))})")
-            default = fields[name].default
-            if value is None:
-                kwargs[name] = None
-                continue
-            kind = type(default) if default is not None else (int if name != "tracking_threshold" else float)
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise ParameterError(f"parameter {name} must be true or false, got {value!r}")
-            elif kind is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ParameterError(f"parameter {name} must be an integer, got {value!r}")
-            elif kind is float:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ParameterError(f"parameter {name} must be a number, got {value!r}")
-                value = float(value)
-            elif kind is str and not isinstance(value, str):
-                raise ParameterError(f"parameter {name} must be a string, got {value!r}")
-            kwargs[name] = value
-        params = cls(**kwargs)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        positive = (
-            "num_tokens",
-            "scene_steps",
-            "dynamic_steps",
-            "frame_stride",
-            "dynamic_ar_block_size",
-            "dynamic_max_memory_frames",
-            "image_size",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.frame_start < 0:
-            raise ParameterError(f"frame_start must be >= 0, got {self.frame_start}")
-        if self.scene_mix_cutoff < self.scene_steps:
-            raise ParameterError(
-                "scene_mix_cutoff below scene_steps is not supported: the official refinement branch it "
-                "selects crashes with more than one static part; every released setting uses all steps"
-            )
-        if self.dynamic_ar_block_size > self.dynamic_max_memory_frames:
-            raise ParameterError("dynamic_ar_block_size cannot exceed dynamic_max_memory_frames")
-        if self.topology not in ("per_frame", "tracked"):
-            raise ParameterError(f"topology must be 'per_frame' or 'tracked', got {self.topology!r}")
-        if not 1 <= self.mesh_dense_depth <= self.mesh_final_depth <= 10:
-            raise ParameterError("mesh depths must satisfy 1 <= mesh_dense_depth <= mesh_final_depth <= 10")
-        if self.image_size % 14:
-            raise ParameterError(
-                f"image_size must be a multiple of the DINOv2 patch (14), got {self.image_size}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -4,7 +4,6 @@ raw DEALER for bytes no well-behaved client would send."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -131,42 +130,3 @@ def write_mp4(frames_dir: Path, path: Path, fps: int = 24) -> Path:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     return path
-
-
-def run_cli_front(workers: str, bind: str = "tcp://127.0.0.1:*", *extra: str, log: Path | None = None):
-    """`python -m backend.cli front` as a subprocess; returns it, its client address and its worker
-    address (`:*` ports resolved; its logs go to `log`)."""
-    cmd = [sys.executable, "-m", "backend.cli", "front", "--bind", bind, "--workers", workers, *extra]
-    with open(log if log is not None else os.devnull, "a") as stderr:  # the child keeps its own copy
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("com4d-backend front end serving on "):
-        proc.kill()
-        raise RuntimeError(f"the front end did not start: {line!r} {log.read_text()[-2000:] if log else ''}")
-    words = line.split()
-    return proc, words[5].rstrip(";"), words[-1]
-
-
-def start_cli_worker(store: Path, front: str, name: str, *extra: str, log: Path | None = None) -> subprocess.Popen:
-    """`python -m backend.cli serve --connect FRONT --name NAME` (tiny weights, CPU, one torch thread) as a
-    subprocess; it joins the front end once its weights are loaded."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--weights",
-        str(weights_dir()),
-        "--store",
-        str(store),
-        "--device",
-        "cpu",
-        "--connect",
-        front,
-        "--name",
-        name,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log if log is not None else os.devnull, "a") as out:  # the child keeps its own copy
-        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
