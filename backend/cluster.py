@@ -215,11 +215,17 @@ class ClusterWorker:
     """Runs queued jobs on Ray worker actors, one job per actor at a time; thread-safe like `Worker`."""
 
     def __init__(
-        self, store: JobStore, publish: Publish, config: ClusterConfig, *, memory_budget: int | None = None
+        self,
+        store: JobStore,
+        config: ClusterConfig,
+        *,
+        publish: Publish | None = None,
+        memory_budget: int | None = None,
     ):
+        """`publish` receives every job event; `serving` sets it when a Server makes its runner."""
         config.validate()
         self.store = store
-        self.publish = publish
+        self.publish: Publish = publish or (lambda job, seq, message: None)
         self.config = config
         self.memory_budget = memory_budget
         self.device = config.device
@@ -234,6 +240,14 @@ class ClusterWorker:
         self._describe: dict[str, Any] | None = None
         self._actor_class: Any = None
         self._uses_gpus = True
+
+    def serving(self, publish: Publish) -> ClusterWorker:
+        """This runner, publishing to `publish`: the `worker` factory of `backend.server.Server`.
+
+        The same object is the server's `pipeline` (its `describe()` answers `hello`):
+        `Server(cluster, store, config, worker=cluster.serving)`."""
+        self.publish = publish
+        return self
 
     # -- life cycle --------------------------------------------------------------------------------
 
