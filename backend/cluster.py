@@ -211,6 +211,28 @@ class _ActorPipeline:
         raise WorkerLost(f"{member.name}: its stream ended without a result")
 
 
+def fan_out_meshes(actors: list[Any], latents: list[Any], dense_depth: int, final_depth: int) -> list[tuple[Any, Any]]:
+    """Mesh final latents (T, C) on several worker actors at once, one mesh per actor at a time;
+    returns (vertices, faces) per latent, in the order given. The same meshes as meshing them on one
+    worker: `GPUWorkerActor.mesh` is the job's own meshing code."""
+    import ray
+
+    results: list[Any] = [None] * len(latents)
+    todo = collections.deque(enumerate(latents))
+    running: dict[Any, tuple[int, Any]] = {}
+    idle = list(actors)
+    while todo or running:
+        while todo and idle:
+            actor = idle.pop()
+            index, latent = todo.popleft()
+            running[actor.mesh.remote(latent, dense_depth, final_depth)] = (index, actor)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        index, actor = running.pop(ref)
+        results[index] = ray.get(ref)
+        idle.append(actor)
+    return results
+
+
 class ClusterWorker:
     """Runs queued jobs on Ray worker actors, one job per actor at a time; thread-safe like `Worker`."""
 
@@ -367,6 +389,11 @@ class ClusterWorker:
             info = dict(self._describe or {})
             info["workers"] = sum(m.ready for m in self._members)
         return info
+
+    def idle_actors(self) -> list[Any]:
+        """The loaded workers that run no job now (for `fan_out_meshes`)."""
+        with self._cond:
+            return [m.actor for m in self._members if m.ready and m.job is None]
 
     # -- workers -----------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@
 This module is what runs inside the actor. It imports ray only inside its methods, so it can be read
 (and its helpers tested) without Ray.
 
+`mesh` makes one mesh of a final latent: the unit of meshing fan-out (`cluster.fan_out_meshes`).
+
 A job is one call of the generator method `run`: the pipeline runs on a thread of the actor, and
 `run` yields its events in batches as they are made, so progress and meshes reach the server while
 the job is still sampling. `cancel` is a second method that Ray runs concurrently (the actor is
@@ -114,6 +116,24 @@ class GPUWorkerActor:
 
     def describe(self) -> dict[str, Any]:
         return self.pipeline.describe()
+
+    def mesh(self, latent: Any, dense_depth: int, final_depth: int) -> tuple[Any, Any]:
+        """The mesh of one final latent (T, C) on this worker, exactly as a job's own meshing makes it
+        (`com4d.mesher.Mesher`, inline): the unit that meshing fan-out spreads over idle workers."""
+        import torch
+
+        from com4d.mesher import Mesher
+
+        made: list[tuple[Any, Any]] = []
+        vae = self.pipeline.vae
+        mesher = Mesher(lambda _, v, f: made.append((v, f)), dense_depth, final_depth, vae.device, workers=0)
+        try:
+            with torch.no_grad():
+                mesher.submit(vae.field_fn(latent.to(self.pipeline.device, self.pipeline.dtype)), None)
+            mesher.drain()
+        finally:
+            mesher.close()
+        return made[0]
 
     def cancel(self, job: str) -> bool:
         """Ask the job's pipeline to stop at its next check; False if the job does not run here."""

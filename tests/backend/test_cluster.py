@@ -17,7 +17,7 @@ import pytest
 from backend_helpers import FAST_PARAMS, REPO, collect_job, start_server, weights_dir
 
 from backend.client import Client
-from backend.cluster import ClusterConfig, ClusterWorker
+from backend.cluster import ClusterConfig, ClusterWorker, fan_out_meshes
 from backend.cluster_actor import pack_files, unpack_files
 from backend.server import Server, ServerConfig
 from backend.store import JobStore
@@ -240,6 +240,29 @@ def test_without_retries_a_killed_workers_job_is_interrupted_and_keeps_its_meshe
     assert cluster_client.status(job)["state"] == "failed"
     # Ray restarted both killed actors (max_restarts): both workers take jobs again.
     wait_for(lambda: cluster_server.worker.snapshot()["workers"] == 2, 90, "the killed workers to be back")
+
+
+def test_meshing_fanned_out_over_two_workers_gives_the_jobs_own_meshes(
+    cluster_server, tiny_pipeline, tiny_masks_dir, reference, tmp_path
+):
+    from com4d.pipeline import ReconstructionParams, ReconstructionRequest
+
+    params = ReconstructionParams.from_dict(FAST_PARAMS)
+    request = ReconstructionRequest(frames_dir=tiny_masks_dir)
+    inputs, params = tiny_pipeline.prepare_inputs(request, params, tmp_path, lambda event: None, None)
+    latents = []  # every final latent the job meshes: the static objects', then each frame's dynamic ones
+    tiny_pipeline.sample(
+        inputs,
+        params,
+        on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in static),
+        on_frame=lambda f, frame_latents: latents.extend(x.clone() for x in frame_latents),
+    )
+    actors = cluster_server.worker.idle_actors()
+    assert len(actors) == 2
+    meshes = fan_out_meshes(actors, latents, params.mesh_dense_depth, params.mesh_final_depth)
+    _, ref_meshes = reference
+    assert len(meshes) == len(ref_meshes) == 4
+    assert sorted((v.tobytes(), f.tobytes()) for v, f in meshes) == sorted(ref_meshes.values())
 
 
 def test_bad_cluster_settings_are_refused_with_what_is_wrong(tmp_path):
