@@ -1,6 +1,7 @@
-"""Cluster mode (backend/cluster.py) on a real local Ray runtime with two logical GPUs, CPU devices and
-the tiny weights: jobs go through a real server and client on loopback; the in-process worker is the
-reference. One Ray runtime serves the whole module and is shut down at its end."""
+"""Cluster mode (backend/cluster.py) on a real Ray cluster on this machine: two nodes of one logical GPU
+each (the second joins while the server runs), CPU devices, the tiny weights. Jobs go through a real
+server and client on loopback; the in-process worker is the reference. One Ray cluster serves the
+whole module and is shut down at its end; `serve --ray auto` runs first, on a Ray of its own."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from backend.server import Server, ServerConfig
 from backend.store import JobStore
 
 ray = pytest.importorskip("ray", reason="cluster mode needs the `cluster` extra (ray)")
+from ray.cluster_utils import Cluster  # noqa: E402
 
 # Stage B long enough to act on a running job after its first (static) mesh has been sent.
 LONG_STAGE_B = {**FAST_PARAMS, "dynamic_steps": 150}
@@ -81,31 +83,39 @@ def test_serve_with_ray_auto_runs_a_job_end_to_end(tmp_path, tiny_masks_dir, ref
 
 
 @pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
+def ray_cluster() -> Iterator[Cluster]:
+    """A Ray cluster of one node with one logical GPU; `two_nodes` adds a second such node."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=2,
-        num_gpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        logging_level="WARNING",
-        log_to_driver=False,
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 1, "object_store_memory": 100 * 1024**2},
     )
-    yield
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
-def cluster_server(ray_runtime, tmp_path_factory) -> Iterator[Server]:
-    """A server whose jobs run on two worker actors (one per logical GPU), files written in place."""
+def cluster_server(ray_cluster, tmp_path_factory) -> Iterator[Server]:
+    """A server whose jobs run on the cluster's worker actors (one per GPU, the cluster polled often)."""
     store = JobStore(tmp_path_factory.mktemp("cluster") / "store")
-    cluster = ClusterWorker(store, ClusterConfig(weights=str(weights_dir()), device="cpu", dtype="float32"))
-    cluster.connect()  # Ray's workers load their weights before the server answers anyone
-    server = Server(cluster, store, ServerConfig(bind="tcp://127.0.0.1:*"), worker=cluster.serving)
+    workers = ClusterWorker(store, ClusterConfig(weights=str(weights_dir()), device="cpu", dtype="float32", poll_s=0.2))
+    workers.connect()  # Ray's workers load their weights before the server answers anyone
+    server = Server(workers, store, ServerConfig(bind="tcp://127.0.0.1:*"), worker=workers.serving)
     server.start()
-    wait_for(lambda: server.worker.snapshot()["workers"] == 2, 120, "two loaded cluster workers")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(ray_cluster, cluster_server) -> Server:
+    """The cluster once a second node (one more GPU) has joined it and its worker is loaded."""
+    if len(ray_cluster.list_all_nodes()) == 1:
+        assert cluster_server.worker.snapshot()["workers"] == 1
+        ray_cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 1024**2)
+    wait_for(lambda: cluster_server.worker.snapshot()["workers"] == 2, 120, "a worker on the new node")
+    return cluster_server
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +169,23 @@ def test_a_cluster_job_gives_the_in_process_files_and_meshes_byte_for_byte(
     assert cluster_client.status(job)["state"] == "done"
 
 
-def test_two_jobs_run_at_once_on_two_workers(cluster_server, cluster_client, tiny_masks_dir, reference):
+def test_a_node_that_joins_takes_the_next_job_and_streams_its_files_back(
+    two_nodes, cluster_client, tiny_masks_dir, reference
+):
+    # The second node joined after the server started: it got a worker, and two jobs now run at once,
+    # one on each node. The new node's worker is not on the server's node: its job's inputs and
+    # files travel as bytes ("auto").
+    head = ray.get_runtime_context().get_node_id()
+    assert sorted(m.node == head for m in two_nodes.worker._members) == [False, True]
     jobs = [cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_A) for _ in range(2)]
-    both = wait_for(
-        lambda: set(cluster_server.worker.snapshot()["running_jobs"]) == set(jobs), 60, "both jobs running at once"
-    )
-    assert both and cluster_server.worker.snapshot()["queued"] == []
+    wait_for(lambda: set(two_nodes.worker.snapshot()["running_jobs"]) == set(jobs), 60, "both jobs running at once")
+    assert two_nodes.worker.snapshot()["queued"] == []
     for job in jobs:
         events = collect_job(cluster_client, job)
         assert events[-1].type == "done", events[-1].fields
         assert [m["job"] for m in events] == [job] * len(events)  # no event of the other job
-    a, b = (out_files(cluster_server.store.out_dir(job)) for job in jobs)
-    a.pop("scene.json"), b.pop("scene.json")
+    a, b = (out_files(two_nodes.store.out_dir(job)) for job in jobs)
+    assert a.pop("scene.json") and b.pop("scene.json")
     assert a == b and len(a) == 4
 
 
@@ -209,8 +224,9 @@ def _kill_after_first_mesh(server: Server, client: Client, job: str) -> tuple[li
 
 
 def test_a_job_whose_worker_is_killed_runs_again_and_keeps_what_was_finished(
-    cluster_server, cluster_client, tiny_masks_dir
+    two_nodes, cluster_client, tiny_masks_dir
 ):
+    cluster_server = two_nodes
     job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_B)
     events, static_glb, path = _kill_after_first_mesh(cluster_server, cluster_client, job)
     assert events[-1].type == "done", events[-1].fields
@@ -223,8 +239,9 @@ def test_a_job_whose_worker_is_killed_runs_again_and_keeps_what_was_finished(
 
 
 def test_without_retries_a_killed_workers_job_is_interrupted_and_keeps_its_meshes(
-    cluster_server, cluster_client, tiny_masks_dir
+    two_nodes, cluster_client, tiny_masks_dir
 ):
+    cluster_server = two_nodes
     cluster_server.worker.config.job_retries = 0
     try:
         job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_B)
@@ -243,7 +260,7 @@ def test_without_retries_a_killed_workers_job_is_interrupted_and_keeps_its_meshe
 
 
 def test_meshing_fanned_out_over_two_workers_gives_the_jobs_own_meshes(
-    cluster_server, tiny_pipeline, tiny_masks_dir, reference, tmp_path
+    two_nodes, tiny_pipeline, tiny_masks_dir, reference, tmp_path
 ):
     from com4d.pipeline import ReconstructionParams, ReconstructionRequest
 
@@ -257,7 +274,7 @@ def test_meshing_fanned_out_over_two_workers_gives_the_jobs_own_meshes(
         on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in static),
         on_frame=lambda f, frame_latents: latents.extend(x.clone() for x in frame_latents),
     )
-    actors = cluster_server.worker.idle_actors()
+    actors = two_nodes.worker.idle_actors()
     assert len(actors) == 2
     meshes = fan_out_meshes(actors, latents, params.mesh_dense_depth, params.mesh_final_depth)
     _, ref_meshes = reference
