@@ -95,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frames", type=int, default=1024)
     serve.add_argument("--max-objects", type=int, default=32)
     serve.add_argument("--max-video", type=parse_size, default=2 << 30, help="largest video upload")
+    serve.add_argument(
+        "--max-frame-pixels", type=int, default=4096 * 4096, help="largest frame, width x height (%(default)s)"
+    )
+    serve.add_argument(
+        "--max-job-pixels", type=int, default=1 << 30, help="pixels of all images a job decodes (%(default)s)"
+    )
+    serve.add_argument(
+        "--keep-days", type=float, default=30.0, help="delete finished jobs this many days old (%(default)s)"
+    )
+    serve.add_argument(
+        "--max-store",
+        type=parse_size,
+        default=100 << 30,
+        help="quota of the job store; the oldest finished jobs are deleted above it (default 100GiB)",
+    )
+    serve.add_argument(
+        "--admins", type=Path, default=None, help="with --keys: folder of public keys that see and cancel every job"
+    )
     ray = serve.add_argument_group("cluster mode (Ray; `pip install com4d[cluster]`, docs/deploy.md)")
     ray.add_argument(
         "--ray",
@@ -165,8 +183,18 @@ def _serve(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         max_objects=args.max_objects,
         max_video_bytes=args.max_video,
+        max_frame_pixels=args.max_frame_pixels,
+        max_job_pixels=args.max_job_pixels,
+        keep_days=args.keep_days,
+        max_store_bytes=args.max_store,
     )
     _listen_keys(args, config)
+    if args.admins is not None:
+        from backend.keys import load_public_keys
+
+        if config.server_keys is None:
+            raise ValueError("--admins needs --keys: without keys every local client owns every job already")
+        config.admin_keys = load_public_keys(args.admins)
     check_security(config)  # before minutes of weight loading
     from com4d.pipeline import COM4DPipeline
 

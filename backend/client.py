@@ -319,6 +319,22 @@ class Client:
         """Ask the server to stop `job`; the job then ends with an `error` whose code is `cancelled`."""
         return self.request("cancel", {"job": job}, timeout=timeout).fields
 
+    def list_files(self, job: str, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The result files of `job`: `{"path", "size"}`, paths relative to its output folder."""
+        return self.request("list_files", {"job": job}, timeout=timeout)["results"]
+
+    def download(self, job: str, path: str, timeout: float | None = None) -> bytes:
+        """The bytes of one result file of `job` (a `path` from `list_files`), fetched in chunks."""
+        parts: list[bytes] = []
+        offset = 0
+        while True:
+            reply = self.request("get_file", {"job": job, "path": path, "offset": offset}, timeout=timeout)
+            data = bytes(reply.files["data"])
+            parts.append(data)
+            offset += len(data)
+            if reply["eof"] or not data:
+                return b"".join(parts)
+
     def fetch(self, job: str, follow: bool = True) -> int:
         """Ask for everything `job` produced so far (its last progress, warnings, every mesh, then done
         or error); with `follow` the events of a still running job keep coming. Read them with
@@ -381,7 +397,8 @@ class Client:
         return self.request("submit", fields, files=files, timeout=timeout)["job"]
 
     def job_events(self, job: str, timeout: float | None = None) -> Iterator[protocol.Message]:
-        """Yield `job`'s messages until its `done` or `error` (included); other jobs' messages are
+        """Yield `job`'s messages until its `done` or `error` (included), or the `replay_end` of a
+        `fetch` without follow; other jobs' messages are
         kept for `poll()`. Raises BackendTimeout after `timeout` seconds without a message for it."""
         timeout = self.timeout if timeout is None else timeout
         while True:
@@ -389,7 +406,7 @@ class Client:
             if message is None:
                 raise BackendTimeout(f"no event for job {job} within {timeout:g} s")
             yield message
-            if message.type in protocol.FINAL_TYPES:
+            if message.type in protocol.FINAL_TYPES or message.type == "replay_end":
                 return
 
 
@@ -402,6 +419,8 @@ _REPLY_TYPES: dict[str, tuple[str, ...]] = {
     "status": ("job_status",),
     "list_jobs": ("jobs",),
     "fetch": ("job_status",),
+    "list_files": ("file_list",),
+    "get_file": ("file",),
 }
 
 

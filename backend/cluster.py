@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backend import protocol
 from backend.cluster_actor import END, ERROR, GPUWorkerActor, pack_files, unpack_files
-from backend.store import JobStore
+from backend.store import JobStore, StoreWriteError
 from backend.worker import Publish, Worker
 from com4d.errors import Cancelled, COM4DError, OutOfMemory
 from com4d.events import CancelToken
@@ -107,8 +106,9 @@ def _remote_error(code: str, message: str) -> COM4DError:
         return Cancelled(message)
     if code == "out_of_memory":
         return OutOfMemory(message)
-    if code == "internal":
-        return COM4DError(f"on the GPU worker: {message}", "internal")
+    if code == "internal":  # the details stay in the server's log, as in the in-process worker
+        log.error("a job failed on its GPU worker: %s", message)
+        return COM4DError("unexpected error on the GPU worker; the server log has the details", "internal")
     return COM4DError(message, code)
 
 
@@ -350,9 +350,12 @@ class ClusterWorker:
         with self._cond:
             run = self._running.get(job)
             if run is not None:
-                self.store.log_marker(job, "cancel_requested")
                 run.token.cancel()
                 self._cond.notify_all()  # a job waiting for a worker to retry on stops waiting
+                try:
+                    self.store.log_marker(job, "cancel_requested")
+                except StoreWriteError as exc:  # a note for replays only: the cancel itself stands
+                    log.warning("job %s: %s", job, exc)
             elif job in self._queue:
                 self._queue.remove(job)
             else:
@@ -549,16 +552,15 @@ class ClusterWorker:
     def _run_job(self, job: str) -> None:
         with self._cond:
             run = self._running[job]
-        final: tuple[int, protocol.Message] | None = None
         try:
             final = run.runner._run_job(job, run.token)
-        except Exception:  # a bug in the bookkeeping itself: log it, keep the cluster serving
+        except Exception as exc:  # a bug in the bookkeeping itself: the job still ends
             log.exception("job %s: unexpected failure outside the pipeline", job)
+            final = self.store.fail(job, "failed", "internal", f"unexpected {type(exc).__name__} in the worker")
         finally:
             with self._cond:
                 del self._running[job]
                 if run.member.job == job:
                     run.member.job = None
                 self._cond.notify_all()
-        if final is not None:  # sent last, so a client that sees it finds the worker free
-            self.publish(job, *final)
+        self.publish(job, *final)  # sent last, so a client that sees it finds the worker free

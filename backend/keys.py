@@ -7,7 +7,8 @@
     DIR/clients/<name>.key         a client's public key: the server admits it (`serve --clients DIR/clients`)
     DIR/clients/<name>.key_secret  that client's secret key: copy it to the client machine
 
-The files are ZeroMQ's own certificate format (zmq.auth), readable by any CurveZMQ tool.
+The files are ZeroMQ's own certificate format (zmq.auth), readable by any CurveZMQ tool. A secret
+key file is created with mode 0600 (never readable by others, not even for a moment).
 """
 
 from __future__ import annotations
@@ -19,14 +20,34 @@ import zmq
 import zmq.auth
 
 
+def _certificate(kind: str, public: bytes, secret: bytes | None = None) -> str:
+    """A key file in zmq.auth's certificate format."""
+    lines = [f"#   ZeroMQ CURVE {kind} Certificate (com4d-backend keys)", "", "metadata", "curve"]
+    lines.append(f'    public-key = "{public.decode("ascii")}"')
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
+    return "\n".join(lines) + "\n"
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Write `path` created with `mode` from the start (replacing an old file only after it exists)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _write_pair(folder: Path, name: str, force: bool) -> tuple[Path, Path]:
-    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
-    if not force and (public.exists() or secret.exists()):
-        raise FileExistsError(f"{public} already exists; pass --force to replace the keys")
+    public_path, secret_path = folder / f"{name}.key", folder / f"{name}.key_secret"
+    if not force and (public_path.exists() or secret_path.exists()):
+        raise FileExistsError(f"{public_path} already exists; pass --force to replace the keys")
     folder.mkdir(parents=True, exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(str(folder), name)
-    os.chmod(secret_file, 0o600)
-    return Path(public_file), Path(secret_file)
+    public, secret = zmq.curve_keypair()
+    _write_new(secret_path, _certificate("**Secret**", public, secret), 0o600)
+    _write_new(public_path, _certificate("Public", public), 0o644)
+    return public_path, secret_path
 
 
 def make_keys(folder: str | os.PathLike, client: str | None = "client", force: bool = False) -> list[Path]:
@@ -51,6 +72,17 @@ def load_server_keys(folder: str | os.PathLike) -> tuple[bytes, bytes]:
     if not public or not secret:
         raise ValueError(f"{path} does not hold a CurveZMQ key pair")
     return public, secret
+
+
+def load_public_keys(folder: str | os.PathLike) -> frozenset[str]:
+    """The z85 public keys of the `*.key` files in `folder` (e.g. the admins' keys)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no key folder at {path}")
+    keys = frozenset(k.decode("ascii") for k in zmq.auth.load_certificates(str(path)))
+    if not keys:
+        raise ValueError(f"{path} holds no public keys (*.key)")
+    return keys
 
 
 def count_client_keys(folder: str | os.PathLike) -> int:

@@ -88,12 +88,14 @@ ERROR_CODES: dict[str, str] = {
     "forbidden": "not allowed on this server (e.g. a file path on a non-loopback bind)",
     "unknown_job": "no job with that id in the store",
     "queue_full": "the job queue is full; wait for a job to finish",
+    "store_full": "the job store is at its quota even after removing old finished jobs",
     "bad_input": "the video, frames, masks or prompts cannot be used",
     "bad_parameter": "a reconstruction parameter is unknown or out of range",
     "bad_weights": "the server's weights are missing or wrong",
     "segmentation_failed": "segmentation could not follow an object",
     "out_of_memory": "the job needs more (GPU) memory than available; see `advice`",
     "cancelled": "the job was cancelled by a client",
+    "storage": "the server's disk refused a write (full or read-only); the job ended, see `advice`",
     "interrupted": "the server stopped while the job was queued or running; resubmit it",
     "internal": "an unexpected server error; the server keeps serving",
 }
@@ -145,6 +147,13 @@ REQUESTS: dict[str, dict[str, FieldSpec]] = {
         "job": _f("str", True),
         "follow": _f("bool", doc="keep streaming a running job's events (default true)"),
     },
+    "list_files": {"job": _f("str", True)},
+    "get_file": {
+        "job": _f("str", True),
+        "path": _f("str", True, doc="a path from `files`, relative to the job's output folder"),
+        "offset": _f("int", doc="first byte (default 0)"),
+        "max_bytes": _f("int", doc="at most this many bytes (default and limit: hello's limits.max_chunk_bytes)"),
+    },
 }
 
 _PROGRESS_FIELDS = {
@@ -170,7 +179,11 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "gpu_total_bytes": _f("int", nullable=True),
         "queue": _f("map", True),
         "limits": _f("map"),
+        "store": _f("map", doc="disk pressure: used_bytes, quota_bytes, disk_free_bytes, jobs, keep_days, pressure"),
+        "params": _f("list", doc="the parameter schema, one map per parameter (com4d.params.param_specs)"),
         "paths_allowed": _f("bool"),
+        "owner": _f("str", doc="whose jobs this client sees: 'local' without keys, else 'key:' + its public key"),
+        "admin": _f("bool", doc="whether this client sees every job"),
     },
     "pong": {
         "busy": _f("bool", True),
@@ -231,6 +244,19 @@ REPLIES: dict[str, dict[str, FieldSpec]] = {
         "scene": _f("str", nullable=True),
     },
     "jobs": {"jobs": _f("list", True)},
+    "replay_end": {"job": _f("str", True), "state": _f("str", True)},
+    "file_list": {
+        "job": _f("str", True),
+        "state": _f("str", True),
+        "results": _f("list", True, doc='[{"path": relative to the output folder, "size": bytes}]'),
+    },
+    "file": {
+        "job": _f("str", True),
+        "path": _f("str", True),
+        "offset": _f("int", True),
+        "size": _f("int", True),
+        "eof": _f("bool", True),
+    },
 }
 
 REPLY_ARRAYS: dict[str, dict[str, ArraySpec]] = {
@@ -591,7 +617,10 @@ def validate(message: Message, direction: str) -> None:
     schema = schemas.get(message.type)
     if schema is None:
         raise ProtocolError(
-            "unknown_type", f"unknown message type {message.type!r:.64}; known: {', '.join(schemas)}", message.id, None
+            "unknown_type",
+            f"unknown message type {message.type!r:.64}; known: {', '.join(schemas)}",
+            message.id,
+            message.type,
         )
     for name, spec in schema.items():
         if name not in message.fields:

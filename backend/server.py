@@ -4,27 +4,33 @@ The socket is a ROUTER bound for clients (backend/listen.py). The worker that ru
 constructor argument (by default the in-process `backend.worker.Worker`), so another kind of worker
 with the same interface (`backend.worker.JobRunner`) slots in without touching the loop.
 
-One thread owns the socket. It answers `hello`, `ping`, `status`, `cancel`... at once, also while
-a job runs, because the GPU work happens on the worker's thread; the worker hands its events over
-through a queue and wakes this loop through a socket pair. Every incoming message is decoded and
-checked (backend/protocol.py) before anything is done with it; anything wrong gets an `error`
-reply naming the problem, and no message can take the server down.
+Three kinds of thread, so that nothing slow runs where it would block everyone:
+- the socket thread (`_loop`) owns the socket: it decodes and checks every message
+  (backend/protocol.py, backend/submit.py step 1), answers `hello`, `ping`, `status`, `cancel`...
+  at once, and sends the job events it is handed;
+- the intake thread stores a submit's uploads, reads their headers (backend/submit.py step 2) and
+  keeps the store within its retention and quota; it hands its result back to the socket thread;
+- the worker runs the jobs (GPU work) and hands their events over.
+Hand-overs go through one queue of actions, run in order on the socket thread, which a socket pair
+wakes. Anything wrong gets an `error` reply naming the problem; no message takes the server down.
 
 Security (docs/deploy.md): loopback binds only unless CurveZMQ keys are given; file paths in
-`submit` only on a loopback bind; uploaded files land
-inside the job's own folder.
+`submit` only on a loopback bind; uploaded files land inside the job's own folder. With keys, a job
+belongs to the key that submitted it: only that key (or an admin key) sees, cancels or fetches it.
+Without keys the server is single-user: every local client owns every job.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
-import os
 import queue
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,23 +43,16 @@ from backend import protocol
 from backend.listen import ListenConfig, bound_address, open_listener
 from backend.listen import SecurityError as SecurityError  # re-exported: its home before listen.py
 from backend.listen import check_security as check_security  # re-exported, as SecurityError
-from backend.store import JobStore, StoreError, plain
-from backend.worker import JobRunner, Pipeline, Publish, Worker, check_params, device_memory
-from com4d.errors import COM4DError
-from com4d.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, probe_video
+from backend.store import JobRecord, JobStore, StoreError, StoreWriteError, plain
+from backend.submit import Rejected, SubmitLimits, check_resubmit, check_submit, inspect_inputs
+from backend.worker import JobRunner, Pipeline, Publish, Worker, device_memory
+from com4d.params import ModelLimits, param_specs
 
 log = logging.getLogger("com4d.backend.server")
 
-MASK_FOLDERS = ("frames", "frames_no_bg", "masks")
-
-
-class Rejected(Exception):
-    """A request the server answers with an `error` (code + sentence)."""
-
-    def __init__(self, code: str, message: str, advice: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.advice = advice
+LOCAL_OWNER = "local"  # the owner of every job of a server without keys
+MAX_CHUNK_BYTES = 4 << 20  # one `file` reply
+HOUSEKEEPING_S = 60.0
 
 
 @dataclass
@@ -65,12 +64,26 @@ class ServerConfig(ListenConfig):
     max_queue: int = 16
     max_objects: int = 32
     max_frames: int = 1024
+    max_frame_pixels: int = 4096 * 4096
+    max_job_pixels: int = 1 << 30
+    keep_days: float = 30.0  # finished jobs older than this are deleted
+    max_store_bytes: int = 100 << 30  # the store's quota: the oldest finished jobs go first
+    admin_keys: frozenset[str] = frozenset()  # z85 public keys that may see and cancel every job
 
 
 @dataclass
 class _Subscriber:
     request_id: Any
     after_seq: int  # events up to this sequence number were already sent (by a fetch replay)
+
+
+@dataclass
+class _Request:
+    """Who sent a request: the ROUTER identity (where replies go) and the job owner it stands for."""
+
+    identity: bytes
+    owner: str
+    admin: bool
 
 
 class Server:
@@ -99,14 +112,18 @@ class Server:
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None  # the clients' ROUTER
         self._auth: Any = None
-        self._outbox: queue.SimpleQueue[tuple[str, int, protocol.Message]] = queue.SimpleQueue()
+        self._actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run on the socket thread
+        self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="com4d-intake")
+        self._admitting = 0  # submits on the intake thread (they count towards max_queue)
+        self._disk: dict[str, Any] = {"used_bytes": None, "jobs": len(store.list())}
+        self._last_housekeeping = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._subs: dict[str, dict[bytes, _Subscriber]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handlers: dict[str, Callable[[bytes, protocol.Message], None]] = {
+        self._handlers: dict[str, Callable[[_Request, protocol.Message], None]] = {
             "hello": self._on_hello,
             "ping": self._on_ping,
             "submit": self._on_submit,
@@ -114,7 +131,32 @@ class Server:
             "status": self._on_status,
             "list_jobs": self._on_list_jobs,
             "fetch": self._on_fetch,
+            "list_files": self._on_list_files,
+            "get_file": self._on_get_file,
         }
+
+    @property
+    def limits(self) -> SubmitLimits:
+        """What a submit may ask (backend/submit.py). Objects: the lower of the server's and the model's."""
+        cfg = self.config
+        model = self.pipeline.describe()
+        model_objects, window = model.get("max_objects"), model.get("max_window_frames")
+        return SubmitLimits(
+            paths_allowed=self.paths_allowed,
+            max_objects=min(cfg.max_objects, model_objects) if isinstance(model_objects, int) else cfg.max_objects,
+            max_frames=cfg.max_frames,
+            max_video_bytes=cfg.max_video_bytes,
+            max_frame_pixels=cfg.max_frame_pixels,
+            max_job_pixels=cfg.max_job_pixels,
+            model=ModelLimits(model_objects, window)
+            if isinstance(model_objects, int) and isinstance(window, int)
+            else None,
+        )
+
+    @property
+    def paths_allowed(self) -> bool:
+        """Whether `submit` may give file paths: the clients are on this machine."""
+        return self.config.loopback
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -141,8 +183,9 @@ class Server:
         try:
             self._loop()
         finally:
+            self._intake.shutdown(wait=True, cancel_futures=True)
             self.worker.stop()
-            self._flush_outbox()
+            self._run_actions()
             self._socket.close(0)
             self._socket = None
             self._close_context()
@@ -198,6 +241,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._schedule_housekeeping()
         while not self._stop.is_set():
             ready = dict(poller.poll(200))
             if self._wake_r.fileno() in ready or self._wake_r in ready:
@@ -206,7 +250,7 @@ class Server:
                         pass
                 except (BlockingIOError, InterruptedError):
                     pass
-            self._flush_outbox()
+            self._run_actions()
             if self._socket in ready:
                 for _ in range(64):  # a bounded batch, then events get their turn again
                     try:
@@ -214,7 +258,9 @@ class Server:
                     except zmq.Again:
                         break
                     self._handle(frames)
-                    self._flush_outbox()
+                    self._run_actions()
+            if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_S:
+                self._schedule_housekeeping()
 
     def _wake(self) -> None:
         try:
@@ -222,10 +268,30 @@ class Server:
         except (BlockingIOError, OSError):
             pass  # the loop is already due to wake up (or shutting down)
 
+    def _call_soon(self, action: Callable[[], None]) -> None:
+        """Run `action` on the socket thread, after every action handed over before it (any thread)."""
+        self._actions.put(action)
+        self._wake()
+
     def _post(self, job: str, seq: int, message: protocol.Message) -> None:
         """Called by the worker (any thread): queue a job event for the subscribers."""
-        self._outbox.put((job, seq, message))
-        self._wake()
+        self._call_soon(lambda: self._deliver(job, seq, message))
+
+    def _run_actions(self) -> None:
+        while True:
+            try:
+                action = self._actions.get_nowait()
+            except queue.Empty:
+                return
+            action()
+
+    def _deliver(self, job: str, seq: int, message: protocol.Message) -> None:
+        subs = self._subs.get(job, {})
+        for identity, sub in list(subs.items()):
+            if seq > sub.after_seq:
+                self._send(identity, dataclasses.replace(message, id=sub.request_id))
+        if message.type in protocol.FINAL_TYPES:
+            self._subs.pop(job, None)
 
     def _send(self, identity: bytes, message: protocol.Message) -> bool:
         """Send to one peer; False (and its subscriptions dropped) if it is gone or not reading."""
@@ -244,66 +310,50 @@ class Server:
         for subs in self._subs.values():
             subs.pop(identity, None)
 
-    def _flush_outbox(self) -> None:
-        while True:
-            try:
-                job, seq, message = self._outbox.get_nowait()
-            except queue.Empty:
-                break
-            subs = self._subs.get(job, {})
-            for identity, sub in list(subs.items()):
-                if seq > sub.after_seq:
-                    self._send(identity, dataclasses.replace(message, id=sub.request_id))
-            if message.type in protocol.FINAL_TYPES:
-                self._subs.pop(job, None)
-
-    @property
-    def paths_allowed(self) -> bool:
-        """Whether `submit` may give file paths: the clients are on this machine."""
-        return self.config.loopback
+    def _requester(self, frames: list[zmq.Frame]) -> _Request:
+        """The sender of a message: with CurveZMQ, its public key (the ZAP User-Id) owns its jobs."""
+        identity = frames[0].bytes
+        if self.config.server_keys is None:
+            return _Request(identity, LOCAL_OWNER, admin=True)
+        key = frames[1].get("User-Id") if len(frames) > 1 else ""
+        return _Request(identity, f"key:{key}", admin=key in self.config.admin_keys)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
+        peer = self._requester(frames)
         message: protocol.Message | None = None
         try:
             message = protocol.decode(frames[1:], self.config.limits, direction="request")
-            self._handlers[message.type](identity, message)
+            self._handlers[message.type](peer, message)
         except protocol.ProtocolError as exc:
-            self._send(identity, protocol.error(exc.code, str(exc), exc.request_id, request=exc.request_type))
+            self._send(peer.identity, protocol.error(exc.code, str(exc), exc.request_id, request=exc.request_type))
         except Rejected as exc:
-            assert message is not None
-            job = message.get("job") if isinstance(message.get("job"), str) else None
-            self._send(
-                identity,
-                protocol.error(exc.code, str(exc), message.id, job=job, advice=exc.advice, request=message.type),
-            )
+            self._send(peer.identity, self._rejection(exc, message))
         except Exception as exc:  # a bug must not end the service: answer, log, carry on
             log.exception("error while handling a %s request", message.type if message else "(bad)")
             rid = message.id if message else None
             self._send(
-                identity,
+                peer.identity,
                 protocol.error(
                     "internal",
-                    f"the server failed on this request: {type(exc).__name__}: {exc}",
+                    f"the server failed on this request ({type(exc).__name__}); its log has the details",
                     rid,
                     request=message.type if message else None,
                 ),
             )
 
+    @staticmethod
+    def _rejection(exc: Rejected, message: protocol.Message) -> protocol.Message:
+        job = message.get("job") if isinstance(message.get("job"), str) else None
+        return protocol.error(exc.code, str(exc), message.id, job=job, advice=exc.advice, request=message.type)
+
     # -- small requests ------------------------------------------------------------------------------
 
-    def _on_hello(self, identity: bytes, msg: protocol.Message) -> None:
+    def _on_hello(self, peer: _Request, msg: protocol.Message) -> None:
         free, total = device_memory(self.config.device)
-        cfg = self.config
-        limits = cfg.limits.to_dict()
-        limits.update(
-            max_video_bytes=cfg.max_video_bytes,
-            max_objects=cfg.max_objects,
-            max_frames=cfg.max_frames,
-            max_queue=cfg.max_queue,
-        )
+        cfg, limits = self.config, self.limits
+        wire = cfg.limits
         self._send(
-            identity,
+            peer.identity,
             protocol.make(
                 "hello",
                 msg.id,
@@ -314,16 +364,48 @@ class Server:
                 gpu_free_bytes=free,
                 gpu_total_bytes=total,
                 queue=self.worker.snapshot(),
-                limits=limits,
+                limits={
+                    "max_header_bytes": wire.max_header_bytes,
+                    "max_blobs": wire.max_blobs,
+                    "max_file_bytes": wire.max_file_bytes,
+                    "max_message_bytes": wire.max_message_bytes,
+                    "max_video_bytes": cfg.max_video_bytes,
+                    "max_objects": limits.max_objects,
+                    "max_frames": cfg.max_frames,
+                    "max_frame_pixels": cfg.max_frame_pixels,
+                    "max_job_pixels": cfg.max_job_pixels,
+                    "max_queue": cfg.max_queue,
+                    "max_chunk_bytes": MAX_CHUNK_BYTES,
+                },
+                store=self._store_facts(),
+                params=param_specs(),
                 paths_allowed=self.paths_allowed,
+                owner=peer.owner,
+                admin=peer.admin,
             ),
         )
 
-    def _on_ping(self, identity: bytes, msg: protocol.Message) -> None:
+    def _store_facts(self) -> dict[str, Any]:
+        """Disk pressure: the store's size (as last measured) against its quota and the free disk."""
+        used, quota = self._disk["used_bytes"], self.config.max_store_bytes
+        try:
+            free = shutil.disk_usage(self.store.root).free
+        except OSError:
+            free = None
+        return {
+            "used_bytes": used,
+            "quota_bytes": quota,
+            "disk_free_bytes": free,
+            "jobs": self._disk["jobs"],
+            "keep_days": self.config.keep_days,
+            "pressure": None if used is None else round(used / quota, 4),
+        }
+
+    def _on_ping(self, peer: _Request, msg: protocol.Message) -> None:
         snap = self.worker.snapshot()
         free, _ = device_memory(self.config.device)
         self._send(
-            identity,
+            peer.identity,
             protocol.make(
                 "pong",
                 msg.id,
@@ -334,34 +416,39 @@ class Server:
             ),
         )
 
-    def _record(self, job: Any):
+    def _record(self, job: Any, peer: _Request) -> JobRecord:
+        """The job's record if `peer` may see it (its owner or an admin); else `unknown_job`."""
         record = self.store.get(job)
-        if record is None:
-            raise Rejected("unknown_job", f"no job {job!r:.80} in the store")
+        if record is None or not (peer.admin or record.owner == peer.owner):
+            raise Rejected("unknown_job", f"no job {job!r:.80} of yours in the store")
         return record
 
-    def _status_message(self, job: str, request_id: Any) -> protocol.Message:
-        fields = self._record(job).status_fields()
-        fields["position"] = self.worker.position(job)
+    def _status_message(self, record: JobRecord, request_id: Any) -> protocol.Message:
+        fields = self.store.get(record.job).status_fields()
+        fields["position"] = self.worker.position(record.job)
         return protocol.make("job_status", request_id, **fields)
 
-    def _on_status(self, identity: bytes, msg: protocol.Message) -> None:
-        self._send(identity, self._status_message(msg["job"], msg.id))
+    def _on_status(self, peer: _Request, msg: protocol.Message) -> None:
+        self._send(peer.identity, self._status_message(self._record(msg["job"], peer), msg.id))
 
-    def _on_list_jobs(self, identity: bytes, msg: protocol.Message) -> None:
-        limit = min(max(msg.get("limit") or 100, 0), 1000)
-        jobs = [r.status_fields() for r in self.store.list(limit)]
-        self._send(identity, protocol.make("jobs", msg.id, jobs=jobs))
+    def _on_list_jobs(self, peer: _Request, msg: protocol.Message) -> None:
+        limit = msg.get("limit")
+        limit = 100 if limit is None else limit
+        if not 0 <= limit <= 1000:
+            raise Rejected("bad_field", f"`limit` must be in [0, 1000], got {limit}")
+        mine = [r for r in self.store.list() if peer.admin or r.owner == peer.owner]
+        self._send(peer.identity, protocol.make("jobs", msg.id, jobs=[r.status_fields() for r in mine[:limit]]))
 
-    def _on_cancel(self, identity: bytes, msg: protocol.Message) -> None:
-        record = self._record(msg["job"])
+    def _on_cancel(self, peer: _Request, msg: protocol.Message) -> None:
+        record = self._record(msg["job"], peer)
         if record.state not in protocol.FINAL_STATES:
             self.worker.cancel(record.job)
-        self._send(identity, self._status_message(record.job, msg.id))
+        self._send(peer.identity, self._status_message(record, msg.id))
 
-    def _on_fetch(self, identity: bytes, msg: protocol.Message) -> None:
-        job = self._record(msg["job"]).job
-        self._send(identity, self._status_message(job, msg.id))
+    def _on_fetch(self, peer: _Request, msg: protocol.Message) -> None:
+        record = self._record(msg["job"], peer)
+        job, identity = record.job, peer.identity
+        self._send(identity, self._status_message(record, msg.id))
         events = self.store.read_events(job)
         last_progress = max((s for s, m in events if m.type == "progress"), default=None)
         finished = False
@@ -387,232 +474,127 @@ class Server:
         elif not finished and msg.get("follow", True) is not False:
             after = max((s for s, _ in events), default=0)
             self._subs.setdefault(job, {})[identity] = _Subscriber(msg.id, after)
+        elif not finished:  # no follow: say that the replay is over although the job goes on
+            self._send(identity, protocol.make("replay_end", msg.id, job=job, state=record.state))
+
+    def _on_list_files(self, peer: _Request, msg: protocol.Message) -> None:
+        record = self._record(msg["job"], peer)
+        files = self.store.result_files(record.job)
+        reply = protocol.make("file_list", msg.id, job=record.job, state=record.state, results=files)
+        self._send(peer.identity, reply)
+
+    def _on_get_file(self, peer: _Request, msg: protocol.Message) -> None:
+        record = self._record(msg["job"], peer)
+        offset = msg.get("offset") or 0
+        size = MAX_CHUNK_BYTES if msg.get("max_bytes") is None else msg["max_bytes"]
+        if offset < 0 or not 1 <= size <= MAX_CHUNK_BYTES:
+            raise Rejected("bad_field", f"`offset` must be >= 0 and `max_bytes` in [1, {MAX_CHUNK_BYTES}]")
+        try:
+            data, total = self.store.read_result(record.job, msg["path"], offset, size)
+        except StoreError as exc:
+            raise Rejected("bad_field", str(exc)) from None
+        reply = protocol.make(
+            "file",
+            msg.id,
+            files={"data": data},
+            job=record.job,
+            path=msg["path"],
+            offset=min(offset, total),
+            size=total,
+            eof=min(offset, total) + len(data) >= total,
+        )
+        self._send(peer.identity, reply)
 
     # -- submit ---------------------------------------------------------------------------------------
 
-    def _on_submit(self, identity: bytes, msg: protocol.Message) -> None:
+    def _on_submit(self, peer: _Request, msg: protocol.Message) -> None:
+        """Step 1 (backend/submit.py) here; storing and inspecting the inputs on the intake thread."""
         cfg = self.config
-        if self.worker.snapshot()["length"] >= cfg.max_queue:
+        if self.worker.snapshot()["length"] + self._admitting >= cfg.max_queue:
             raise Rejected("queue_full", f"{cfg.max_queue} jobs are queued or running; try again later")
+        used = self._disk["used_bytes"]
+        if used is not None and used >= cfg.max_store_bytes:
+            raise Rejected(
+                "store_full",
+                f"the job store holds {used} bytes, at its quota of {cfg.max_store_bytes}, even after removing "
+                "old finished jobs",
+                "Wait for jobs to finish and be removed, or ask the operator for a larger --max-store.",
+            )
+        source = None
         if msg.get("resubmit") is not None:
-            request, source = self._check_resubmit(msg), msg["resubmit"]
+            source = self._record(msg["resubmit"], peer)
+            request = check_resubmit(msg.fields, msg.files, source.request, source.job, self.limits)
         else:
-            request, source = self._check_submit(msg), None
-        label = msg.get("label")
-        record = self.store.new_job(label[:200] if label else None)
+            request = check_submit(msg.fields, msg.files, self.limits)
+        self._admitting += 1
+        self._intake.submit(self._admit, peer, msg, request, source.job if source else None)
+
+    def _admit(self, peer: _Request, msg: protocol.Message, request: dict[str, Any], source: str | None) -> None:
+        """Intake thread: store the inputs and inspect them, then hand the job to the socket thread."""
+        label, request_id = msg.get("label"), msg.id
+        job: str | None = None
         try:
+            job = self.store.new_job(label[:200] if label else None, owner=peer.owner).job
             if source is not None:
-                self.store.copy_inputs(source, record.job)
+                self.store.copy_inputs(source, job)
             else:
-                self._write_inputs(record.job, msg, request)
-                self._check_stored_video(record.job, request)
-        except Exception:
-            shutil.rmtree(self.store.job_dir(record.job), ignore_errors=True)
-            self.store.forget(record.job)
-            raise
-        self.store.update(record.job, request=request)
-        self._subs.setdefault(record.job, {})[identity] = _Subscriber(msg.id, 0)
-        position = self.worker.enqueue(record.job)
-        self._send(identity, protocol.make("accepted", msg.id, job=record.job, position=position))
+                self._write_inputs(job, msg, request)
+            inspect_inputs(request, self.store.job_dir(job), self.limits)
+            self.store.update(job, request=request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the submit's error reply
+            if job is not None:
+                self.store.delete(job)
+            if isinstance(exc, StoreWriteError):
+                exc = Rejected("storage", f"the server could not store the job: {exc}")
+            elif not isinstance(exc, Rejected):
+                log.exception("error while storing a submit")
+                exc = Rejected("internal", f"the server failed on this submit ({type(exc).__name__})")
+            reply = self._rejection(exc, msg)
+            self._call_soon(lambda: self._admitted(peer, None, reply))
+            return
+        del msg  # the uploaded frames can be freed now
+        self._call_soon(lambda: self._admitted(peer, job, None, request_id))
+        self._housekeeping()
 
-    def _check_resubmit(self, msg: protocol.Message) -> dict[str, Any]:
-        source = self._record(msg["resubmit"])
-        request = dict(source.request)
-        if not request:
-            raise Rejected("bad_input", f"job {source.job} has no stored request to run again")
-        if any("path" in (request.get(k) or {}) for k in ("video", "masks")) and not self.paths_allowed:
-            raise Rejected("forbidden", "that job reads a file path, which a non-loopback backend refuses")
-        if msg.get("params") is not None:
-            request["params"] = self._checked_params(msg["params"], request)
-        request["resubmitted_from"] = source.job
-        return request
-
-    def _check_submit(self, msg: protocol.Message) -> dict[str, Any]:
-        """Check everything about a submit that can be checked before writing a byte; returns the
-        request description stored in job.json."""
-        video, masks, prompts = msg.get("video"), msg.get("masks"), msg.get("prompts")
-        if (video is None) == (masks is None):
-            raise Rejected("bad_field", "give either `video` (with `prompts`) or `masks` (a masks folder)")
-        if video is not None and prompts is None:
-            raise Rejected("bad_field", "a video needs `prompts` (the prompts.json object)")
-        if masks is not None and prompts is not None:
-            raise Rejected("bad_field", "`prompts` go with a video; a masks folder already holds the masks")
-        for name in msg.files:
-            if not protocol.safe_file_name(name):
-                raise Rejected(
-                    "bad_field",
-                    f"file name {name!r:.80} is not allowed (use e.g. 'video', "
-                    "'video/000000.png', 'masks/000000_object_000.png')",
-                )
-        request: dict[str, Any] = {"video": None, "masks": None, "prompts": None}
-        if video is not None:
-            request["video"] = self._check_video(video, msg.files)
-            request["prompts"] = self._check_prompts(prompts)
-        else:
-            request["masks"] = self._check_masks(masks, msg.files)
-        request["params"] = self._checked_params(msg.get("params") or {}, request)
-        return request
-
-    def _check_path(self, given: Any, what: str) -> Path:
-        if not self.paths_allowed:
-            raise Rejected(
-                "forbidden",
-                f"this backend is not on a loopback address, so it takes no file paths; upload the {what} instead",
-            )
-        if not isinstance(given, str) or not given or "\0" in given:
-            raise Rejected("bad_field", f"the {what} path must be a non-empty string")
-        path = Path(given)
-        if not path.is_absolute():
-            raise Rejected("bad_field", f"the {what} path must be absolute, got {given!r:.200}")
-        return path
-
-    def _check_video(self, video: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
-        if ("path" in video) == ("filename" in video):
-            raise Rejected(
-                "bad_field",
-                "`video` needs exactly one of `path` (same machine) or `filename` "
-                "(with the file uploaded as blob 'video' or frames as 'video/NAME')",
-            )
-        foreign = [n for n in files if n != "video" and not n.startswith("video/")]
-        if foreign:
-            raise Rejected("bad_field", f"unexpected files {foreign[:3]} for a video submit")
-        if "path" in video:
-            path = self._check_path(video["path"], "video")
-            count = self._readable_clip(path)
-            if files:
-                raise Rejected("bad_field", "give the video as a path or as uploaded files, not both")
-            return {"path": str(path), "frames": count}
-        filename = video["filename"]
-        if not isinstance(filename, str):
-            raise Rejected("bad_field", "`video.filename` must be a string")
-        frames = [n for n in files if n.startswith("video/")]
-        if "video" in files and frames:
-            raise Rejected("bad_field", "upload a video file ('video') or frames ('video/NAME'), not both")
-        if "video" in files:
-            suffix = Path(filename).suffix.lower()
-            if suffix not in VIDEO_SUFFIXES:
-                raise Rejected(
-                    "bad_input", f"video {filename!r:.80} has an unknown type; use one of {', '.join(VIDEO_SUFFIXES)}"
-                )
-            return {"stored": f"inputs/video{suffix}"}
-        if not frames:
-            raise Rejected("bad_field", "`video.filename` needs a blob 'video' or frames 'video/NAME'")
-        bad = [n for n in frames if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
-        if bad:
-            raise Rejected("bad_input", f"frames must be png or jpg files, not {bad[0]!r:.80}")
-        return {"stored": "inputs/video", "frames": len(frames)}
-
-    def _readable_clip(self, path: Path) -> int:
-        """The frame count of a readable video file or frames folder at `path` (Rejected if not)."""
-        if path.is_file():
-            if path.suffix.lower() not in VIDEO_SUFFIXES:
-                raise Rejected("bad_input", f"{path} is not a video file ({', '.join(VIDEO_SUFFIXES)})")
-            if path.stat().st_size > self.config.max_video_bytes:
-                raise Rejected(
-                    "too_large", f"{path} is {path.stat().st_size} bytes; the limit is {self.config.max_video_bytes}"
-                )
-        elif not path.is_dir():
-            raise Rejected("bad_input", f"no readable video file or frames folder at {path}")
-        if not os.access(path, os.R_OK):
-            raise Rejected("bad_input", f"{path} is not readable by the server")
-        try:
-            info = probe_video(path)
-        except COM4DError as exc:
-            raise Rejected(exc.code, str(exc)) from None
-        except OSError as exc:
-            raise Rejected("bad_input", f"cannot read {path}: {exc.strerror or exc}") from None
-        return info.frame_count
-
-    def _check_masks(self, masks: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
-        if "path" in masks:
-            if files:
-                raise Rejected("bad_field", "give the masks folder as a path or as uploaded files, not both")
-            path = self._check_path(masks["path"], "masks folder")
-            if not (path / "frames").is_dir() or not (path / "masks").is_dir():
-                raise Rejected("bad_input", f"{path} is not a masks folder: it needs frames/ and masks/")
-            names = [f"masks/{p.name}" for p in (path / "masks").iterdir()]
-            frames = sum(1 for p in (path / "frames").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            self._check_objects_in_masks(names)
-            return {"path": str(path), "frames": frames}
-        allowed = tuple(f"{d}/" for d in MASK_FOLDERS)
-        foreign = [n for n in files if n != "objects.json" and not n.startswith(allowed)]
-        if foreign:
-            raise Rejected(
-                "bad_field",
-                f"unexpected files {foreign[:3]} for a masks submit (allowed: "
-                "frames/, frames_no_bg/, masks/, objects.json)",
-            )
-        frames = [n for n in files if n.startswith("frames/")]
-        if not frames or not any(n.startswith("masks/") for n in files):
-            raise Rejected(
-                "bad_input",
-                "a masks upload needs frames ('frames/NNNNNN.png') and masks ('masks/NNNNNN_object_XXX.png')",
-            )
-        self._check_objects_in_masks(list(files))
-        return {"stored": "inputs/masks", "frames": len(frames)}
-
-    def _check_objects_in_masks(self, names: list[str]) -> None:
-        ids = {n.split("_object_", 1)[1] for n in names if n.startswith("masks/") and "_object_" in n}
-        if len(ids) > self.config.max_objects:
-            raise Rejected("too_large", f"{len(ids)} objects in the masks; limit {self.config.max_objects}")
-
-    def _check_prompts(self, prompts: dict[str, Any]) -> dict[str, Any]:
-        from com4d.segment.prompts import parse_prompts
-
-        objects = prompts.get("objects")
-        if isinstance(objects, list) and len(objects) > self.config.max_objects:
-            raise Rejected(
-                "too_large", f"{len(objects)} objects in the prompts; the limit is {self.config.max_objects}"
-            )
-        try:
-            parse_prompts(prompts)
-        except COM4DError as exc:
-            raise Rejected(exc.code, f"prompts: {exc}") from None
-        return prompts
-
-    def _checked_params(self, params: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            checked = check_params(params)
-        except COM4DError as exc:
-            raise Rejected(exc.code, str(exc)) from None
-        except (TypeError, ValueError) as exc:
-            raise Rejected("bad_parameter", f"params: {exc}") from None
-        source = request.get("video") or request.get("masks") or {}
-        if source.get("frames") is not None:
-            self._check_frame_count(source["frames"], checked)
-        return plain(params)
-
-    def _check_frame_count(self, available: int, params: Any) -> None:
-        """Reject a job whose selected frames exceed the limit, before any frame is decoded."""
-        # The pipeline selects frames[frame_start:frame_end:frame_stride].
-        start, end = getattr(params, "frame_start", 0), getattr(params, "frame_end", None)
-        selected = len(range(available)[start : end : getattr(params, "frame_stride", 1)])
-        if selected > self.config.max_frames:
-            raise Rejected(
-                "too_large",
-                f"{selected} frames selected; the limit is {self.config.max_frames}",
-                "Use a shorter frame range (frame_start/frame_end) or a larger frame_stride.",
-            )
+    def _admitted(
+        self, peer: _Request, job: str | None, error: protocol.Message | None, request_id: Any = None
+    ) -> None:
+        """Socket thread: subscribe the submitter and queue the job (so no event can come before
+        `accepted`), or send the intake's refusal."""
+        self._admitting -= 1
+        if job is None:
+            self._send(peer.identity, error)
+            return
+        if self._stop.is_set():
+            seq, final = self.store.fail(job, "interrupted", "interrupted", "the server stopped before the job ran")
+            self._send(peer.identity, dataclasses.replace(final, id=request_id))
+            return
+        self._subs.setdefault(job, {})[peer.identity] = _Subscriber(request_id, 0)
+        position = self.worker.enqueue(job)
+        self._send(peer.identity, protocol.make("accepted", request_id, job=job, position=position))
 
     def _write_inputs(self, job: str, msg: protocol.Message, request: dict[str, Any]) -> None:
-        try:
-            for name, data in msg.files.items():
-                if name == "video":
-                    self.store.write_input(job, Path(request["video"]["stored"]).name, data)
-                elif name.startswith("video/") or request.get("masks") is None:
-                    self.store.write_input(job, name, data)
-                else:
-                    self.store.write_input(job, "masks/" + name, data)
-            if request.get("prompts") is not None:
-                self.store.write_input(job, "prompts.json", json.dumps(request["prompts"]).encode())
-                request["prompts"] = "inputs/prompts.json"
-        except StoreError as exc:
-            raise Rejected("bad_field", str(exc)) from None
+        for name, data in msg.files.items():
+            if name == "video":
+                self.store.write_input(job, Path(request["video"]["stored"]).name, data)
+            elif name.startswith("video/") or request.get("masks") is None:
+                self.store.write_input(job, name, data)
+            else:
+                self.store.write_input(job, "masks/" + name, data)
+        if request.get("prompts") is not None:
+            self.store.write_input(job, "prompts.json", json.dumps(request["prompts"]).encode())
+            request["prompts"] = "inputs/prompts.json"
 
-    def _check_stored_video(self, job: str, request: dict[str, Any]) -> None:
-        """An uploaded video file is probed once it is on disk (its frame count is in its header)."""
-        video = request.get("video") or {}
-        if str(video.get("stored", "")).startswith("inputs/video."):
-            count = self._readable_clip(self.store.job_path(job, video["stored"]))
-            video["frames"] = count
-            self._checked_params(request.get("params") or {}, request)
+    # -- retention and quota (intake thread) -------------------------------------------------------------
+
+    def _schedule_housekeeping(self) -> None:
+        self._last_housekeeping = time.monotonic()
+        self._intake.submit(self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        """Apply the retention policy and quota (backend/store.py) and keep the numbers for `hello`."""
+        try:
+            used = self.store.enforce_retention(self.config.keep_days, self.config.max_store_bytes)
+            self._disk = {"used_bytes": used, "jobs": len(self.store.list())}
+        except Exception:  # housekeeping must never stop the intake thread
+            log.exception("store housekeeping failed")

@@ -5,7 +5,9 @@ on_event=, cancel=)` and `.describe()`; in the service it is `com4d.pipeline.COM
 worker turns the pipeline's events into protocol messages, logs them in the job store and hands
 them to `publish` (the server sends them on). Failures end the job, never the worker: a
 `COM4DError` keeps its code, running out of memory becomes `out_of_memory` with advice and the
-memory is released before the next job, anything unexpected becomes `internal`.
+memory is released before the next job, a disk that refuses writes becomes `storage`, anything
+unexpected becomes `internal`. Every job that starts ends in a final state with a final event
+published, whatever the disk does (backend/store.py `finish`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import collections
 import gc
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -22,9 +25,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from backend import protocol
-from backend.store import JobStore, plain
+from backend.store import JobStore, StoreWriteError, is_disk_failure, plain
 from com4d.errors import Cancelled, COM4DError, OutOfMemory
 from com4d.events import CancelToken
+from com4d.params import ModelLimits, ReconstructionParams
 
 log = logging.getLogger("com4d.backend.worker")
 
@@ -32,6 +36,8 @@ OOM_ADVICE = (
     "Try fewer tokens (num_tokens 1024 instead of 2048), fewer frames (a shorter frame range or a larger "
     "frame_stride) or fewer objects. The server has released the memory and keeps serving."
 )
+
+STORAGE_ADVICE = "The server's disk is full or read-only; its operator must free space. Resubmit the job then."
 
 Publish = Callable[[str, int, protocol.Message], None]
 
@@ -63,11 +69,10 @@ class JobRunner(Protocol):
     def position(self, job: str) -> int | None: ...
 
 
-def check_params(params: dict[str, Any]) -> Any:
-    """The `ReconstructionParams` for a submitted params map; ParameterError names a bad one."""
-    from com4d.pipeline import ReconstructionParams
-
-    return ReconstructionParams.from_dict(params)
+def check_params(params: dict[str, Any], limits: ModelLimits | None = None) -> ReconstructionParams:
+    """The `ReconstructionParams` for a submitted params map (the schema of com4d/params.py, and
+    the model's own limits when given); ParameterError names a bad one."""
+    return ReconstructionParams.from_dict(params, limits)
 
 
 def device_memory(device: str) -> tuple[int | None, int | None]:
@@ -174,8 +179,11 @@ class Worker:
                 self._queue.remove(job)
                 queued = True
             elif self._running is not None and self._running[0] == job:
-                self.store.log_marker(job, "cancel_requested")
                 self._running[1].cancel()
+                try:
+                    self.store.log_marker(job, "cancel_requested")
+                except StoreWriteError as exc:  # a note for replays only: the cancel itself stands
+                    log.warning("job %s: %s", job, exc)
                 return "running"
             else:
                 return None
@@ -212,17 +220,16 @@ class Worker:
                 job = self._queue.popleft()
                 token = CancelToken()
                 self._running = (job, token)
-            final = None
             try:
                 final = self._run_job(job, token)
-            except Exception:  # a bug in the bookkeeping itself: log it, keep the worker alive
+            except Exception as exc:  # a bug in the bookkeeping itself: the job still ends
                 log.exception("job %s: unexpected failure outside the pipeline", job)
+                final = self.store.fail(job, "failed", "internal", f"unexpected {type(exc).__name__} in the worker")
             finally:
                 with self._cond:
                     self._running = None
                 release_memory()
-            if final is not None:  # sent last, so a client that sees it finds the worker free
-                self.publish(job, *final)
+            self.publish(job, *final)  # sent last, so a client that sees it finds the worker free
 
     def _emit(self, job: str, message: protocol.Message) -> None:
         if message.type == "progress":
@@ -235,8 +242,7 @@ class Worker:
         self.publish(job, seq, message)
 
     def _run_job(self, job: str, token: CancelToken) -> tuple[int, protocol.Message]:
-        """Run one job; returns its final event (logged, not yet published)."""
-        record = self.store.update(job, state="running", started=time.time())
+        """Run one job; returns its final event (logged if the disk allows, not yet published)."""
         out_dir = self.store.out_dir(job)
         scene_path: list[str] = []
 
@@ -249,6 +255,7 @@ class Worker:
                 self._emit(job, message)
 
         try:
+            record = self.store.update(job, state="running", started=time.time())
             request, params = self._build_call(job, record.request)
             result = self.pipeline.reconstruct(request, params, out_dir, on_event=on_event, cancel=token)
         except Cancelled:
@@ -265,12 +272,13 @@ class Worker:
         done = protocol.make(
             "done", job=job, scene=scene, out_dir=str(out_dir), manifest=_read_manifest(out_dir / scene)
         )
-        self.store.update(job, scene=scene)
-        seq = self.store.append_event(job, done)
-        self.store.update(job, state="done", finished=time.time(), progress=self.store.get(job).progress)
-        return seq, done
+        return self.store.finish(job, done, state="done", scene=scene)
 
     def _fail_with(self, job: str, exc: BaseException) -> tuple[int, protocol.Message]:
+        if is_disk_failure(exc):
+            reason = str(exc) if isinstance(exc, StoreWriteError) else os.strerror(exc.errno)
+            text = f"the server could not write the job's files: {reason}"
+            return self.store.fail(job, "failed", "storage", text, STORAGE_ADVICE)
         if _is_out_of_memory(exc):
             text = str(exc) if isinstance(exc, OutOfMemory) else "the job ran out of memory"
             _drop_tracebacks(exc)  # their frames hold the job's tensors
@@ -278,9 +286,18 @@ class Worker:
             release_memory()
             return self.store.fail(job, "failed", "out_of_memory", text, OOM_ADVICE)
         if isinstance(exc, COM4DError):
-            return self.store.fail(job, "failed", exc.code, str(exc))
+            return self.store.fail(job, "failed", exc.code, self._public(job, str(exc)))
         log.error("job %s failed", job, exc_info=exc)
-        return self.store.fail(job, "failed", "internal", f"unexpected {type(exc).__name__}: {exc}")
+        text = f"unexpected {type(exc).__name__} in the pipeline; the server log has the details"
+        return self.store.fail(job, "failed", "internal", text)
+
+    def _public(self, job: str, text: str) -> str:
+        """`text` without the store's absolute paths: the job's own files by their names in its
+        folder (`inputs/video.mp4`), anything else of the store as `<store>`."""
+        job_dir = str(self.store.job_dir(job))
+        return (
+            text.replace(job_dir + "/", "").replace(job_dir, "the job folder").replace(str(self.store.root), "<store>")
+        )
 
     def _build_call(self, job: str, spec: dict[str, Any]) -> tuple[Any, Any]:
         """The pipeline's request and params from a job's stored request description."""

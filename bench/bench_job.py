@@ -24,11 +24,11 @@ import torch
 from bench_model import dit_step_flops  # noqa: E402  (same folder)
 from transformers import Dinov2Config, Dinov2Model
 
-from com4d import stages
 from com4d.conditioning import ImageEncoder
 from com4d.dit import COM4DTransformer, DiTConfig
 from com4d.inputs import DynamicObject, SceneInputs
 from com4d.pipeline import COM4DPipeline, ReconstructionParams
+from com4d.plan import plan_windows
 from com4d.scheduler import RectifiedFlowScheduler
 from com4d.vae import ShapeVAE, VAEConfig
 
@@ -147,7 +147,7 @@ def main() -> None:
     mc_s = time.perf_counter() - t
     del grid
 
-    windows = stages.plan_windows(args.frames, params.dynamic_ar_block_size, params.dynamic_max_memory_frames)
+    windows = plan_windows(args.frames, params.dynamic_ar_block_size, params.dynamic_max_memory_frames)
     if args.meshes is not None:
         marks["meshing"] = marks["meshing"][: args.meshes]
     med = {k: float(np.median(v)) for k, v in marks.items() if v}
@@ -157,7 +157,7 @@ def main() -> None:
     flops_cut = dit_step_flops(cfg, S + K, 8, tokens, 1370, True, 48)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), math.nan)
-    full_steps, full_windows = 50, len(stages.plan_windows(41, 6, 8))
+    full_steps, full_windows = 50, len(plan_windows(41, 6, 8))
     n_mix = min(21, full_steps)
     extrapolated = (
         full_steps * med.get("stage_a", 0)

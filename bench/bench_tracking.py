@@ -2,7 +2,7 @@
 
 A capsule bends from straight to a quarter circle over the clip. Every frame is meshed by the
 pipeline's own extraction (`com4d.meshing.extract_mesh`: dense grid, one refinement, marching cubes)
-and then tracked (`com4d.tracking.SequenceTracker`), both calling the same field function. With
+and then tracked (`com4d.topology.SequenceTracker`), both calling the same field function. With
 `--decoder` (CUDA) every field call also runs the real-size TripoSG VAE decoder (random weights, fp16,
 2048 latent tokens) on the same points and discards its output, so the timings carry the decoder's true
 cost per point while the geometry stays the analytic capsule whose answer is known.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from com4d.meshing import extract_mesh
-from com4d.tracking import SequenceTracker, TrackingConfig
+from com4d.topology import SequenceTracker, TrackingConfig
 
 BOUNDS = (-1.005, -1.005, -1.005, 1.005, 1.005, 1.005)
 

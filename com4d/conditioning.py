@@ -214,19 +214,23 @@ class ImageEncoder:
         mean, std = _normalization(encoder_dir)
         return cls(model.to(device=device, dtype=dtype), size=size, mean=mean, std=std)
 
-    def pixel_values(self, images: Sequence[ImageLike] | np.ndarray) -> torch.Tensor:
-        """(B, 3, size, size) float32 on the CPU (see `to_pixel_values`)."""
-        return to_pixel_values(images, self.size, self.mean, self.std)
+    def pixel_values(self, images: Sequence[ImageLike] | np.ndarray, size: int | None = None) -> torch.Tensor:
+        """(B, 3, size, size) float32 on the CPU (see `to_pixel_values`); size defaults to self.size."""
+        return to_pixel_values(images, size or self.size, self.mean, self.std)
 
-    def encode(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 8) -> torch.Tensor:
-        """(B, num_tokens, hidden) `last_hidden_state` of uint8 RGB images at size², in batches."""
+    def encode(
+        self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 8, size: int | None = None
+    ) -> torch.Tensor:
+        """(B, num_tokens, hidden) `last_hidden_state` of uint8 RGB images at size² (default
+        self.size; a request passes its own size instead of changing the shared encoder), in batches."""
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        arrays = _stack_rgb(images, self.size)  # validates every image up front
+        size = size or self.size
+        arrays = _stack_rgb(images, size)  # validates every image up front
         chunks = []
         with torch.no_grad():
             for start in range(0, len(arrays), batch_size):
-                pixels = self.pixel_values(arrays[start : start + batch_size])  # (b, 3, S, S) fp32
+                pixels = self.pixel_values(arrays[start : start + batch_size], size)  # (b, 3, S, S) fp32
                 pixels = pixels.to(device=self.device, dtype=self.dtype)
                 chunks.append(self.model(pixel_values=pixels).last_hidden_state)  # (b, N, D)
         return torch.cat(chunks)  # (B, N, D)

@@ -76,7 +76,7 @@ class TrackedMeshReady(Event):
 
 
 @dataclass(frozen=True)
-class Warning(Event):  # noqa: A001 - the wire name of the event
+class WarningEvent(Event):
     """Something the user should know about that did not stop the run."""
 
     code: str

@@ -30,7 +30,7 @@ MASK_NAME = re.compile(r"^(\d+)_object_(\d{3})\.png$")
 
 @dataclass
 class DynamicObject:
-    """One moving object: its name, its official id (000..) and a mask per frame (H, W) bool."""
+    """One moving object: its name, official id (000..) and a mask per frame (H, W) uint8 (255 = object)."""
 
     name: str
     object_id: int
@@ -171,7 +171,7 @@ def load_inputs(folder: str | Path, video: str | Path | None = None) -> SceneInp
                 raise InputError(
                     f"mask {mask_sets[i][n]} is {m.shape[1]}x{m.shape[0]} but the frames are {w}x{h}"
                 )
-            masks.append(m > 127)
+            masks.append(m)  # 8-bit: the conditioning blends with mask/255 like the official code
         dynamic.append(DynamicObject(name=names[i], object_id=i, masks=masks))
     return SceneInputs(
         frames=frames,

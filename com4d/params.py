@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - the Blender add-on's copy of this file
 
         code = "bad_parameter"
 
+
 # The attention routing `sh/infer.sh` always passes (--scene_attn_ids / --dynamic_attn_ids).
 OFFICIAL_SPATIAL_BLOCK_IDS = (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)
 OFFICIAL_TEMPORAL_BLOCK_IDS = (0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21)
@@ -68,57 +69,161 @@ SPECS: tuple[Spec, ...] = (
     Spec("num_tokens", "int", 2048, "latent tokens per object (1024 is faster, coarser)", 1, MAX_TOKENS),
     Spec("scene_steps", "int", 50, "denoising steps of stage A (the scene at one frame)", 1, MAX_STEPS),
     Spec("dynamic_steps", "int", 50, "denoising steps per stage-B window", 1, MAX_STEPS),
-    Spec("scene_guidance", "float", 7.0,
-         "classifier-free guidance of stage A; <= 1 uses the conditional prediction alone (one pass)", 0.0, 100.0),
-    Spec("dynamic_guidance", "float", 7.0,
-         "classifier-free guidance of stage B; <= 1 uses the conditional prediction alone (one pass)", 0.0, 100.0),
-    Spec("scene_full_image_from_step", "int", 5,
-         "stage-A step from which the spatial blocks see the full frame (official: 5)", 0, MAX_STEPS, unit="step"),
-    Spec("scene_num_parts", "int", None,
-         "static latents of stage A; 0 skips stage A; default: the static objects named in the input, else 1",
-         0, None, nullable=True),
-    Spec("frame_start", "int", 0, "first frame to reconstruct (index into the input's frames)", 0, None,
-         unit="frame"),
-    Spec("frame_end", "int", None, "end of the frame range, exclusive (default: the last frame)", 1, None,
-         nullable=True, unit="frame"),
+    Spec(
+        "scene_guidance",
+        "float",
+        7.0,
+        "classifier-free guidance of stage A; <= 1 uses the conditional prediction alone (one pass)",
+        0.0,
+        100.0,
+    ),
+    Spec(
+        "dynamic_guidance",
+        "float",
+        7.0,
+        "classifier-free guidance of stage B; <= 1 uses the conditional prediction alone (one pass)",
+        0.0,
+        100.0,
+    ),
+    Spec(
+        "scene_full_image_from_step",
+        "int",
+        5,
+        "stage-A step from which the spatial blocks see the full frame (official: 5)",
+        0,
+        MAX_STEPS,
+        unit="step",
+    ),
+    Spec(
+        "scene_num_parts",
+        "int",
+        None,
+        "static latents of stage A; 0 skips stage A; default: the static objects named in the input, else 1",
+        0,
+        None,
+        nullable=True,
+    ),
+    Spec("frame_start", "int", 0, "first frame to reconstruct (index into the input's frames)", 0, None, unit="frame"),
+    Spec(
+        "frame_end",
+        "int",
+        None,
+        "end of the frame range, exclusive (default: the last frame)",
+        1,
+        None,
+        nullable=True,
+        unit="frame",
+    ),
     Spec("frame_stride", "int", 2, "use every n-th frame of the range", 1, None, unit="frames"),
-    Spec("stage_a_frame", "int", None,
-         "frame of the stage-A scene, an index into the input's frames (default: frame_start)", 0, None,
-         nullable=True, unit="frame"),
+    Spec(
+        "stage_a_frame",
+        "int",
+        None,
+        "frame of the stage-A scene, an index into the input's frames (default: frame_start)",
+        0,
+        None,
+        nullable=True,
+        unit="frame",
+    ),
     Spec("dynamic_ar_block_size", "int", 6, "new frames per stage-B window", 1, None, unit="frames"),
-    Spec("dynamic_max_memory_frames", "int", 8, "frames per stage-B window, history included", 1, None,
-         unit="frames"),
-    Spec("dynamic_mix_cutoff", "int", 20,
-         "stage-B step after which (strictly) objects stop attending to each other", 0, None, unit="step"),
-    Spec("scene_mix_cutoff", "int", 50,
-         "stage-A mixing cutoff; must be >= scene_steps (every released setting mixes on every step)", 0, None,
-         unit="step"),
-    Spec("spatial_block_ids", "int_list", OFFICIAL_SPATIAL_BLOCK_IDS,
-         "DiT blocks that attend across the objects of one frame (official --scene_attn_ids)", 0, None),
-    Spec("temporal_block_ids", "int_list", OFFICIAL_TEMPORAL_BLOCK_IDS,
-         "DiT blocks that attend across the frames of one object (official --dynamic_attn_ids)", 0, None),
+    Spec("dynamic_max_memory_frames", "int", 8, "frames per stage-B window, history included", 1, None, unit="frames"),
+    Spec(
+        "dynamic_mix_cutoff",
+        "int",
+        20,
+        "stage-B step after which (strictly) objects stop attending to each other",
+        0,
+        None,
+        unit="step",
+    ),
+    Spec(
+        "scene_mix_cutoff",
+        "int",
+        50,
+        "stage-A mixing cutoff; must be >= scene_steps (every released setting mixes on every step)",
+        0,
+        None,
+        unit="step",
+    ),
+    Spec(
+        "spatial_block_ids",
+        "int_list",
+        OFFICIAL_SPATIAL_BLOCK_IDS,
+        "DiT blocks that attend across the objects of one frame (official --scene_attn_ids)",
+        0,
+        None,
+    ),
+    Spec(
+        "temporal_block_ids",
+        "int_list",
+        OFFICIAL_TEMPORAL_BLOCK_IDS,
+        "DiT blocks that attend across the frames of one object (official --dynamic_attn_ids)",
+        0,
+        None,
+    ),
     Spec("seed", "int", 0, "noise seed", 0, 2**63 - 1),
-    Spec("noise_mode", "str", "cpu",
-         "how the seed becomes noise: 'cpu' (fp32 CPU generator, the same on every machine) or 'cuda_fp16' "
-         "(fp16 from a CUDA generator, as the official script draws on a GPU; needs CUDA)",
-         choices=NOISE_MODES),
-    Spec("image_size", "int", 518, "conditioning image size (square), a multiple of the DINOv2 patch 14", 14, 2044,
-         unit="px"),
-    Spec("use_frames_no_bg", "bool", False,
-         "condition on frames_no_bg/ instead of frames/ when the input has it (official --load_frames_no_bg)"),
+    Spec(
+        "noise_mode",
+        "str",
+        "cpu",
+        "how the seed becomes noise: 'cpu' (fp32 CPU generator, the same on every machine) or 'cuda_fp16' "
+        "(fp16 from a CUDA generator, as the official script draws on a GPU; needs CUDA)",
+        choices=NOISE_MODES,
+    ),
+    Spec(
+        "image_size",
+        "int",
+        518,
+        "conditioning image size (square), a multiple of the DINOv2 patch 14",
+        14,
+        2044,
+        unit="px",
+    ),
+    Spec(
+        "use_frames_no_bg",
+        "bool",
+        False,
+        "condition on frames_no_bg/ instead of frames/ when the input has it (official --load_frames_no_bg)",
+    ),
     Spec("mesh_dense_depth", "int", 8, "octree depth of the dense field pass (8 = 256^3)", 1, 10),
     Spec("mesh_final_depth", "int", 9, "octree depth of the refined mesh (9 = 512^3)", 1, 10),
-    Spec("topology", "str", "per_frame",
-         "per_frame: a mesh per frame (official); tracked: one deforming mesh per moving object",
-         choices=TOPOLOGIES),
-    Spec("tracking_threshold", "float", None,
-         "tracked topology: chamfer distance above which a frame keeps its own mesh (default 0.02)", 0.0, 1.0,
-         nullable=True, unit="canonical units"),
+    Spec(
+        "topology",
+        "str",
+        "per_frame",
+        "per_frame: a mesh per frame (official); tracked: one deforming mesh per moving object",
+        choices=TOPOLOGIES,
+    ),
+    Spec(
+        "tracking_threshold",
+        "float",
+        None,
+        "tracked topology: chamfer distance above which a frame keeps its own mesh (default 0.02)",
+        0.0,
+        1.0,
+        nullable=True,
+        unit="canonical units",
+    ),
     Spec("allow_lost", "bool", False, "segmentation: keep going when an object is lost on some frames"),
-    Spec("memory_budget", "int", None, "refuse jobs estimated to need more memory than this (default: free GPU)",
-         1, None, nullable=True, unit="bytes"),
-    Spec("mesh_workers", "int", None,
-         "marching-cubes processes (default: 0 below 512^3 or under 4 cores, else up to 4)", 0, 64, nullable=True),
+    Spec(
+        "memory_budget",
+        "int",
+        None,
+        "refuse jobs estimated to need more memory than this (default: free GPU)",
+        1,
+        None,
+        nullable=True,
+        unit="bytes",
+    ),
+    Spec(
+        "mesh_workers",
+        "int",
+        None,
+        "marching-cubes processes (default: 0 below 512^3 or under 4 cores, else up to 4)",
+        0,
+        64,
+        nullable=True,
+    ),
     Spec("combined_frames", "bool", True, "also write one GLB per frame with every object"),
     Spec("preview", "bool", True, "write preview.png"),
 )
@@ -302,15 +407,24 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         help_text = f"{s.help} (default {default_text})" if s.default is not None else s.help
         help_text = help_text.replace("%", "%%")
         if s.type == "bool":
-            parser.add_argument(cli_flag(s.name), dest=s.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                cli_flag(s.name), dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif s.type == "int_list":
-            parser.add_argument(cli_flag(s.name), dest=s.name, type=_int_list, default=None, metavar="IDS",
-                                help=help_text)
+            parser.add_argument(
+                cli_flag(s.name), dest=s.name, type=_int_list, default=None, metavar="IDS", help=help_text
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[s.type]
-            parser.add_argument(cli_flag(s.name), dest=s.name, type=kind, default=None, choices=s.choices,
-                                metavar=None if s.choices else s.name.upper(), help=help_text)
+            parser.add_argument(
+                cli_flag(s.name),
+                dest=s.name,
+                type=kind,
+                default=None,
+                choices=s.choices,
+                metavar=None if s.choices else s.name.upper(),
+                help=help_text,
+            )
 
 
 def from_namespace(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> ReconstructionParams:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from com4d import conditioning, stages
+from com4d import conditioning, routing, stages
 from com4d.conditioning import ImageEncoder
 from com4d.dit import CellContext, COM4DTransformer
 from com4d.errors import COM4DError, InputError, OutOfMemory, ParameterError, WeightsError
@@ -32,13 +33,14 @@ from com4d.events import (
     MeshReady,
     Progress,
     TrackedMeshReady,
+    WarningEvent,
     ignore_events,
 )
-from com4d.events import Warning as WarningEvent
 from com4d.inputs import SceneInputs, load_inputs
 from com4d.mesher import Mesher
-from com4d.params import ReconstructionParams
-from com4d.scene import SceneWriter, unique_names
+from com4d.params import ModelLimits, ReconstructionParams
+from com4d.plan import InputSummary, Plan, plan_reconstruction
+from com4d.scene import SceneWriter
 from com4d.scheduler import RectifiedFlowScheduler
 from com4d.vae import ShapeVAE
 from com4d.weights import resolve_weights_root
@@ -70,45 +72,76 @@ class SceneResult:
 
 @dataclass
 class Latents:
-    """Clean latents of a run: statics (S, T, C), stage-A dynamics (K, T, C), stage B (K, F, T, C)."""
+    """Clean latents of a run: statics (S, T, C), stage-A dynamics (K, T, C; (0, T, C) without a
+    stage A), stage B (K, F, T, C)."""
 
     static: torch.Tensor
     dynamic_stage_a: torch.Tensor
     dynamic: torch.Tensor
 
 
-@dataclass
-class Selection:
-    """Which frames a run uses: indices into the input's frame list."""
-
-    frames: list[int]
-    stage_a: int
-
-
-def select_frames(inputs: SceneInputs, params: ReconstructionParams) -> Selection:
-    n = len(inputs.frames)
-    chosen = list(range(n))[params.frame_start : params.frame_end : params.frame_stride]
-    if not chosen:
-        raise InputError(
-            f"the frame range start={params.frame_start} end={params.frame_end} stride={params.frame_stride} "
-            f"selects no frame of the {n} available"
-        )
-    stage_a = params.frame_start if params.stage_a_frame is None else params.stage_a_frame
-    if not 0 <= stage_a < n:
-        raise InputError(f"stage_a_frame {stage_a} is outside the {n} available frames")
-    return Selection(frames=chosen, stage_a=stage_a)
-
-
 def default_noise(
-    static: int, dynamic: int, tokens: int, channels: int, seed: int
+    static: int, dynamic: int, tokens: int, channels: int, seed: int, mode: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """The official draws, in the official order, from a CPU generator (same on every device)."""
-    g = torch.Generator("cpu").manual_seed(seed)
+    """The official draws, in the official order, from one generator seeded with `seed`.
+
+    mode "cpu": a CPU generator in float32 (the same numbers on every machine; the official CPU run).
+    mode "cuda_fp16": a CUDA generator drawing float16 on the GPU, as the official script does when it
+    runs on CUDA in float16, so the same seed gives the same scene as an official GPU run.
+    With no static parts the official code skips stage A, so the stage-B noise is the first draw and
+    the stage-A entries are empty.
+    """
+    if mode == "cpu":
+        device, dtype = torch.device("cpu"), torch.float32
+    elif mode == "cuda_fp16":
+        if not torch.cuda.is_available():
+            raise ParameterError("noise_mode 'cuda_fp16' draws on a CUDA GPU, and none is available; use 'cpu'")
+        device, dtype = torch.device("cuda"), torch.float16
+    else:
+        raise ParameterError(f"noise_mode must be 'cpu' or 'cuda_fp16', got {mode!r}")
+    g = torch.Generator(device).manual_seed(seed)
+
+    def draw(rows: int) -> torch.Tensor:
+        return torch.randn(rows, tokens, channels, generator=g, device=device, dtype=dtype)
+
+    if static == 0:
+        empty = torch.empty(0, tokens, channels, device=device, dtype=dtype)
+        return {"stage_a_static": empty, "stage_a_dynamic": empty, "stage_b_dynamic": draw(dynamic)}
     return {
-        "stage_a_static": torch.randn(static, tokens, channels, generator=g),
-        "stage_a_dynamic": torch.randn(dynamic, tokens, channels, generator=g),
-        "stage_b_dynamic": torch.randn(dynamic, tokens, channels, generator=g),
+        "stage_a_static": draw(static),
+        "stage_a_dynamic": draw(dynamic),
+        "stage_b_dynamic": draw(dynamic),
     }
+
+
+def input_summary(inputs: SceneInputs, preselected: bool = False) -> InputSummary:
+    return InputSummary(
+        frame_numbers=list(inputs.frame_numbers),
+        dynamic_names=[o.name for o in inputs.dynamic],
+        static_names=list(inputs.static_names),
+        preselected=preselected,
+    )
+
+
+@contextmanager
+def block_routing(model: COM4DTransformer, params: ReconstructionParams) -> Iterator[None]:
+    """Run the DiT with the routing ids of `params` (official default: infer.sh's ids).
+
+    The grid forward reads the spatial ids from the model's config at call time; they are set for
+    the duration of one run and restored after it, so the checkpoint's own config.json values do
+    not leak into a run that did not ask for them.
+    """
+    try:
+        routing.check_skip_pairing(model.cfg.num_layers, params.spatial_block_ids)
+    except ValueError as err:
+        raise ParameterError(f"spatial_block_ids {list(params.spatial_block_ids)}: {err}") from err
+    saved = (model.cfg.spatial_block_ids, model.cfg.temporal_block_ids)
+    model.cfg.spatial_block_ids = list(params.spatial_block_ids)
+    model.cfg.temporal_block_ids = list(params.temporal_block_ids)
+    try:
+        yield
+    finally:
+        model.cfg.spatial_block_ids, model.cfg.temporal_block_ids = saved
 
 
 class COM4DPipeline:
@@ -227,13 +260,25 @@ class COM4DPipeline:
 
     # -- the algorithm ----------------------------------------------------------------------------
 
-    def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
-        return self.image_encoder.encode(images).to(self.dtype)  # (B, Lc, Dc)
+    @property
+    def limits(self) -> ModelLimits:
+        return ModelLimits(part_rows=self.transformer.cfg.part_rows, frame_rows=self.transformer.cfg.frame_rows)
+
+    def plan(self, inputs: SceneInputs, params: ReconstructionParams, preselected: bool = False) -> Plan:
+        """The plan of `params` on `inputs`, checked against this model's tables."""
+        return plan_reconstruction(input_summary(inputs, preselected), params, self.limits)
+
+    def encode_images(self, images: list[np.ndarray], size: int) -> torch.Tensor:
+        return self.image_encoder.encode(images, size=size).to(self.dtype)  # (B, Lc, Dc)
 
     def conditioning_images(
         self, inputs: SceneInputs, params: ReconstructionParams, indices: list[int]
     ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-        """Full frames and per-object masked frames at the conditioning size, for frame indices."""
+        """Full frames and per-object masked frames at the conditioning size, for frame indices.
+
+        Object images blend frame and white with mask/255 (`conditioning.mask_onto_white`), as the
+        official code; frames_no_bg/ replaces frames/ only when `use_frames_no_bg` asks for it.
+        """
         source = inputs.frames_no_bg if (params.use_frames_no_bg and inputs.frames_no_bg) else inputs.frames
         size = params.image_size
         full = [conditioning.resize_frame(source[i], size) for i in indices]
@@ -241,7 +286,7 @@ class COM4DPipeline:
         for obj in inputs.dynamic:
             masked = []
             for j, i in enumerate(indices):
-                mask = conditioning.resize_mask(obj.masks[i].astype(np.uint8) * 255, size)
+                mask = conditioning.resize_mask(obj.masks[i], size)
                 masked.append(conditioning.mask_onto_white(full[j], mask))
             objects.append(masked)
         return full, objects
@@ -256,39 +301,25 @@ class COM4DPipeline:
         on_frame: Callable[[int, torch.Tensor], None] | None = None,
         trace: stages.TraceCallback | None = None,
         cancel: CancelToken | None = None,
+        plan: Plan | None = None,
+        static_rows_after_cutoff: bool = False,
     ) -> Latents:
         """Stage A then stage B; returns all clean latents (the meshing-free core of the method).
 
         `noise` overrides the random draws (keys of `default_noise`), e.g. to reproduce recorded
         official noise. `on_stage_a(static, dynamic)` and `on_frame(f, latents)` fire as soon as
-        latents are final.
+        latents are final. `static_rows_after_cutoff` see `stages.run_stage_b`.
         """
-        sel = select_frames(inputs, params)
-        S = self.scene_parts(inputs, params)
-        K = len(inputs.dynamic)
-        C = self.transformer.cfg.in_channels
-        self.image_encoder.size = params.image_size
-        T = params.num_tokens
-        if S + K > self.transformer.cfg.part_rows:
-            raise ParameterError(
-                f"{S} static parts + {K} dynamic objects exceed the "
-                f"model's {self.transformer.cfg.part_rows} objects"
-            )
-        columns = min(params.dynamic_max_memory_frames, len(sel.frames)) + 1
-        if columns > self.transformer.cfg.frame_rows:
-            raise ParameterError(
-                f"a window of {columns} frames exceeds the model's {self.transformer.cfg.frame_rows}; "
-                "lower dynamic_max_memory_frames"
-            )
-        noise = noise or default_noise(S, K, T, C, params.seed)
-        for key, shape in (
-            ("stage_a_static", (S, T, C)),
-            ("stage_a_dynamic", (K, T, C)),
-            ("stage_b_dynamic", (K, T, C)),
-        ):
+        plan = plan or self.plan(inputs, params)
+        S, K, F = plan.num_static, plan.num_dynamic, len(plan.frames)
+        C, T = self.transformer.cfg.in_channels, params.num_tokens
+        noise = noise or default_noise(S, K, T, C, params.seed, params.noise_mode)
+        K_a = K if plan.has_stage_a else 0
+        for key, shape in (("stage_a_static", (S, T, C)), ("stage_a_dynamic", (K_a, T, C)),
+                           ("stage_b_dynamic", (K, T, C))):
             if tuple(noise[key].shape) != shape:
                 raise ParameterError(f"noise[{key!r}] must have shape {shape}, got {tuple(noise[key].shape)}")
-        dev, dt = self.device, self.dtype
+        dev, dt, size = self.device, self.dtype, params.image_size
 
         def step_hook(stage: str, window: int, step: int, steps: int) -> None:
             if cancel is not None:
@@ -296,66 +327,44 @@ class COM4DPipeline:
             if on_step is not None:
                 on_step(stage, window, step, steps)
 
-        # Stage A: the scene at one frame (statics: full image; dynamics: their masked image).
-        full_a, objects_a = self.conditioning_images(inputs, params, [sel.stage_a])
-        tokens_a = self.encode_images(full_a + [o[0] for o in objects_a])  # (1 + K, Lc, Dc)
-        index_t = torch.tensor([0] * S + list(range(1, K + 1)), device=dev)
-        ctx_t = CellContext(tokens_a, index_t)
-        ctx_s = CellContext(tokens_a, torch.zeros(S + K, dtype=torch.long, device=dev))
-        ctx_0 = CellContext.zeros(S + K, *tokens_a.shape[-2:], dev, tokens_a.dtype)
-        x0 = torch.cat([noise["stage_a_static"], noise["stage_a_dynamic"]]).to(dev, dt)
-        clean_a = stages.run_stage_a(
-            self.transformer,
-            self.scheduler,
-            x0,
-            S,
-            ctx_t,
-            ctx_s,
-            ctx_0,
-            steps=params.scene_steps,
-            guidance=params.scene_guidance,
-            full_image_from_step=params.scene_full_image_from_step,
-            on_step=step_hook,
-            trace=trace,
-        )
-        static, dyn_a = clean_a[:S], clean_a[S:]
-        del ctx_t, ctx_s, ctx_0, tokens_a
-        if on_stage_a is not None:
-            on_stage_a(static, dyn_a)
-        if K == 0:
-            return Latents(static, dyn_a, dyn_a.new_zeros(0, len(sel.frames), T, C))
+        with block_routing(self.transformer, params):
+            static = dyn_a = None
+            if plan.has_stage_a:
+                # Stage A: the scene at one frame (statics: full image; dynamics: their masked image).
+                full_a, objects_a = self.conditioning_images(inputs, params, [plan.stage_a])
+                tokens_a = self.encode_images(full_a + [o[0] for o in objects_a], size)  # (1 + K, Lc, Dc)
+                index_t = torch.tensor([0] * S + list(range(1, K + 1)), device=dev)
+                ctx_t = CellContext(tokens_a, index_t)
+                ctx_s = CellContext(tokens_a, torch.zeros(S + K, dtype=torch.long, device=dev))
+                ctx_0 = CellContext.zeros(S + K, *tokens_a.shape[-2:], dev, tokens_a.dtype)
+                x0 = torch.cat([noise["stage_a_static"], noise["stage_a_dynamic"]]).to(dev, dt)
+                clean_a = stages.run_stage_a(
+                    self.transformer, self.scheduler, x0, S, ctx_t, ctx_s, ctx_0,
+                    steps=params.scene_steps, guidance=params.scene_guidance,
+                    full_image_from_step=params.scene_full_image_from_step, on_step=step_hook, trace=trace,
+                )  # (S + K, T, C)
+                static, dyn_a = clean_a[:S], clean_a[S:]
+                del ctx_t, ctx_s, ctx_0, tokens_a
+                if on_stage_a is not None:
+                    on_stage_a(static, dyn_a)
+            else:
+                static = torch.empty(0, T, C, device=dev, dtype=dt)
+            if K == 0:
+                return Latents(static, dyn_a, static.new_zeros(0, F, T, C))
 
-        # Stage B: every selected frame's full image and object images.
-        full_b, objects_b = self.conditioning_images(inputs, params, sel.frames)
-        F = len(sel.frames)
-        tokens_full = self.encode_images(full_b)  # (F, Lc, Dc)
-        tokens_obj = torch.stack([self.encode_images(o) for o in objects_b])  # (K, F, Lc, Dc)
-        tokens = stages.StageBContexts(full=tokens_full, objects=tokens_obj)
-        dyn = stages.run_stage_b(
-            self.transformer,
-            self.scheduler,
-            static,
-            dyn_a,
-            noise["stage_b_dynamic"].to(dev, dt),
-            tokens,
-            torch.zeros_like(tokens_full[:1]),
-            block_size=params.dynamic_ar_block_size,
-            max_memory=params.dynamic_max_memory_frames,
-            steps=params.dynamic_steps,
-            guidance=params.dynamic_guidance,
-            mix_cutoff=params.dynamic_mix_cutoff,
-            on_step=step_hook,
-            on_frame=on_frame,
-            trace=trace,
-        )
-        assert dyn.shape[1] == F
-        return Latents(static, dyn_a, dyn)
-
-    @staticmethod
-    def scene_parts(inputs: SceneInputs, params: ReconstructionParams) -> int:
-        if params.scene_num_parts is not None:
-            return params.scene_num_parts
-        return max(1, len(inputs.static_names))
+            # Stage B: every selected frame's full image and object images.
+            full_b, objects_b = self.conditioning_images(inputs, params, plan.frames)
+            tokens_full = self.encode_images(full_b, size)  # (F, Lc, Dc)
+            tokens_obj = torch.stack([self.encode_images(o, size) for o in objects_b])  # (K, F, Lc, Dc)
+            dyn = stages.run_stage_b(
+                self.transformer, self.scheduler, static, dyn_a, noise["stage_b_dynamic"].to(dev, dt),
+                stages.StageBContexts(full=tokens_full, objects=tokens_obj), torch.zeros_like(tokens_full[:1]),
+                plan.windows, steps=params.dynamic_steps, guidance=params.dynamic_guidance,
+                mix_cutoff=params.dynamic_mix_cutoff, static_rows_after_cutoff=static_rows_after_cutoff,
+                on_step=step_hook, on_frame=on_frame, trace=trace,
+            )  # (K, F, T, C)
+        empty = static.new_zeros(0, T, C)
+        return Latents(static, dyn_a if dyn_a is not None else empty, dyn)
 
     # -- the whole job ----------------------------------------------------------------------------
 
@@ -366,16 +375,16 @@ class COM4DPipeline:
         out_dir: Path,
         on_event: EventCallback,
         cancel: CancelToken | None,
-    ) -> tuple[SceneInputs, ReconstructionParams]:
-        """Inputs of a request, segmenting first when it has prompts.
+    ) -> tuple[SceneInputs, bool]:
+        """(inputs, preselected) of a request, segmenting first when it has prompts.
 
         Segmentation reads only the selected frames (params' start/end/stride, as source frame
-        numbers); the returned params then select all of them.
+        numbers), so its inputs are `preselected`: the plan uses all of them.
         """
         if request.prompts is None:
             if request.frames_dir is None:
                 raise InputError("nothing to reconstruct: give an input folder with masks/, or a video with prompts")
-            return load_inputs(request.frames_dir, video=request.video), params
+            return load_inputs(request.frames_dir, video=request.video), False
         if self.sam_checkpoint is None:
             raise ParameterError("prompts need a SAM checkpoint (--sam); or give masks instead")
         if request.video is None:
@@ -390,16 +399,7 @@ class COM4DPipeline:
         )
         inputs = load_inputs(seg.out_dir)
         inputs.source = str(request.video)
-        stage_a = params.frame_start if params.stage_a_frame is None else params.stage_a_frame
-        if stage_a not in inputs.frame_numbers:
-            raise ParameterError(
-                f"stage_a_frame {stage_a} is not among the segmented frames {inputs.frame_numbers[:6]}...; "
-                "pick one of the selected frames"
-            )
-        selected = dataclasses.replace(
-            params, frame_start=0, frame_end=None, frame_stride=1, stage_a_frame=inputs.frame_numbers.index(stage_a)
-        )
-        return inputs, selected
+        return inputs, True
 
     def reconstruct(
         self,
@@ -412,191 +412,212 @@ class COM4DPipeline:
     ) -> SceneResult:
         """Run a whole job, writing `out_dir` (docs/contracts.md) and reporting events as it goes."""
         params = params or ReconstructionParams()
-        params.validate()
+        params.validate(self.limits)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         on_event(Progress(stage="load", message="reading inputs"))
         if isinstance(request, SceneInputs):
-            inputs = request
+            inputs, preselected = request, False
         else:
-            inputs, params = self.prepare_inputs(request, params, out, on_event, cancel)
-        sel = select_frames(inputs, params)
-        S = self.scene_parts(inputs, params)
-        K = len(inputs.dynamic)
-        self.check_memory(S + K, params)
-        windows = (
-            stages.plan_windows(
-                len(sel.frames), params.dynamic_ar_block_size, params.dynamic_max_memory_frames
-            )
-            if K
-            else []
-        )
-        total = params.scene_steps + len(windows) * params.dynamic_steps + S + K + K * len(sel.frames)
-        done = [0]
-        static_names = (
-            inputs.static_names + [f"static_{i:03d}" for i in range(len(inputs.static_names), S)]
-        )[:S]
-        names = unique_names(static_names + [o.name for o in inputs.dynamic])
-        frame_numbers = [inputs.frame_numbers[i] for i in sel.frames]
+            inputs, preselected = self.prepare_inputs(request, params, out, on_event, cancel)
+        plan = self.plan(inputs, params, preselected)
+        self.check_memory(plan.num_objects, params)
+        run = ReconstructionRun(self, inputs, params, plan, out, on_event, cancel)
+        return run.execute(noise, started)
+
+
+class ReconstructionRun:
+    """One job being executed: the plan, the scene writer, the mesher and the progress count.
+
+    Sampling streams final latents into `emit_mesh`; the mesher calls `finish_mesh` for each mesh
+    (in order, on this thread); `execute` ties them together and turns failures into a manifest
+    status.
+    """
+
+    def __init__(
+        self,
+        pipe: COM4DPipeline,
+        inputs: SceneInputs,
+        params: ReconstructionParams,
+        plan: Plan,
+        out: Path,
+        on_event: EventCallback,
+        cancel: CancelToken | None,
+    ):
+        self.pipe, self.inputs, self.params, self.plan, self.out = pipe, inputs, params, plan, out
+        self.on_event, self.cancel = on_event, cancel
         w, h = inputs.size
-        writer = SceneWriter(
-            out,
-            names[:S],
-            names[S:],
-            frame_numbers,
-            inputs.frame_numbers[sel.stage_a],
+        self.writer = SceneWriter(
+            out, plan.static_names, plan.dynamic_names, plan.frame_numbers, plan.stage_a_frame_number,
             source={"input": inputs.source, "width": w, "height": h, "fps": inputs.fps},
             params=params.to_dict(),
         )
-        trackers: dict[int, Any] = {}  # dynamic object -> tracking.SequenceTracker (topology="tracked")
-        timings = {"meshing": 0.0}
+        self.mesher = Mesher(self.finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, pipe.vae.device,
+                             workers=params.mesh_workers)
+        self.trackers: dict[int, Any] = {}  # dynamic object -> topology.SequenceTracker (topology="tracked")
+        self.done = 0
+        self.timings = {"meshing": 0.0}
 
-        def tick(n: int = 1) -> int:
-            done[0] += n
-            return done[0]
+    # -- progress ---------------------------------------------------------------------------------
 
-        def on_step(stage: str, window: int, step: int, steps: int) -> None:
-            mesher.poll()  # meshes whose marching cubes finished in the background
-            on_event(
-                Progress(
-                    stage=stage,
-                    step=step + 1,
-                    steps=steps,
-                    window=window + 1,
-                    windows=max(1, len(windows)) if stage == "stage_b" else 1,
-                    done=tick(),
-                    total=total,
-                )
-            )
+    def tick(self, n: int = 1) -> int:
+        self.done += n
+        return self.done
 
-        def finish_mesh(payload: tuple, verts: np.ndarray, faces: np.ndarray) -> None:
-            """A finished mesh: file, manifest, tracking, events (on this thread, in order)."""
-            role, index, frame_index, field_fn = payload
-            name = names[index] if role == "static" else names[S + index]
-            if role == "static":
-                frame = inputs.frame_numbers[sel.stage_a]
-                rel = writer.add_static(index, verts, faces)
-            else:
-                frame = frame_numbers[frame_index]
-                rel = writer.add_dynamic_frame(index, frame, verts, faces)
-                if params.topology == "tracked":
-                    self._track_frame(trackers, index, frame, field_fn, verts, faces, params, on_event,
-                                      self.vae.device)
+    def on_step(self, stage: str, window: int, step: int, steps: int) -> None:
+        self.mesher.poll()  # meshes whose marching cubes finished in the background
+        windows = max(1, len(self.plan.windows)) if stage == "stage_b" else 1
+        self.on_event(Progress(stage=stage, step=step + 1, steps=steps, window=window + 1, windows=windows,
+                               done=self.tick(), total=self.plan.total_units))
+
+    # -- meshing ----------------------------------------------------------------------------------
+
+    def emit_mesh(self, role: str, index: int, frame_index: int | None, latent: torch.Tensor) -> None:
+        """Start meshing one final latent; role is "static", "stage_a" (a moving object at the
+        stage-A frame) or "dynamic" (a moving object at selected frame `frame_index`)."""
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+        t = time.perf_counter()
+        field_fn = self.pipe.vae.field_fn(latent)
+        # The topology tracker needs the field again once the mesh is done; otherwise drop it right away.
+        keep = field_fn if (role == "dynamic" and self.params.topology == "tracked") else None
+        self.mesher.submit(field_fn, (role, index, frame_index, keep))
+        del field_fn, keep
+        self.timings["meshing"] += time.perf_counter() - t
+        if self.pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def on_stage_a(self, static: torch.Tensor, dynamic: torch.Tensor) -> None:
+        for i in range(self.plan.num_static):
+            self.emit_mesh("static", i, None, static[i])
+        for k in range(self.plan.num_dynamic):
+            self.emit_mesh("stage_a", k, None, dynamic[k])
+
+    def on_frame(self, f: int, latents: torch.Tensor) -> None:
+        for k in range(self.plan.num_dynamic):
+            self.emit_mesh("dynamic", k, f, latents[k])
+
+    def finish_mesh(self, payload: tuple, verts: np.ndarray, faces: np.ndarray) -> None:
+        """A finished mesh: file, manifest, topology tracking, events (on this thread, in order)."""
+        role, index, frame_index, field_fn = payload
+        plan, writer = self.plan, self.writer
+        if role == "stage_a":
+            # Written (the official scene_XXX.glb) but not streamed: a MeshReady of a moving object is
+            # one of its selected frames.
+            name, frame = plan.dynamic_names[index], plan.stage_a_frame_number
+            writer.add_stage_a_dynamic(index, verts, faces)
+        elif role == "static":
+            name, frame = plan.static_names[index], plan.stage_a_frame_number
+            rel = writer.add_static(index, verts, faces)
+        else:
+            name, frame = plan.dynamic_names[index], plan.frame_numbers[frame_index]
+            rel = writer.add_dynamic_frame(index, frame, verts, faces)
+            if self.params.topology == "tracked":
+                self.track_frame(index, frame, field_fn, verts, faces)
+        if len(faces) == 0:
+            self.on_event(WarningEvent(code="empty_mesh", message=f"{name}: the field has no surface at frame {frame}",
+                                       frames=[frame]))
+        if role != "stage_a":
+            self.on_event(MeshReady(name=name, role=role, object_index=index, frame=frame, frame_index=frame_index,
+                                    vertices=verts, faces=faces, path=rel,
+                                    color=writer.get(role, index).color))
+        self.on_event(Progress(stage="meshing", done=self.tick(), total=plan.total_units,
+                               message=f"{name} frame {frame}"))
+
+    # -- one topology per object (topology="tracked") --------------------------------------------
+
+    def track_frame(self, index: int, frame: int, field_fn, verts: np.ndarray, faces: np.ndarray) -> None:
+        """Move object `index`'s first mesh onto this frame's surface while the frame's field is
+        still alive (it is freed right after)."""
+        from com4d import topology
+
+        if index not in self.trackers:
             if len(faces) == 0:
-                on_event(WarningEvent(code="empty_mesh", message=f"{name}: the field has no surface at frame {frame}",
-                                      frames=[frame]))
-            on_event(MeshReady(name=name, role=role, object_index=index, frame=frame, frame_index=frame_index,
-                               vertices=verts, faces=faces, path=rel, color=writer.get(role, index).color))
-            on_event(Progress(stage="meshing", done=tick(), total=total, message=f"{name} frame {frame}"))
+                return  # no base mesh yet: the object starts at its first non-empty frame
+            config = topology.TrackingConfig()
+            if self.params.tracking_threshold is not None:
+                config = dataclasses.replace(config, chamfer_threshold=self.params.tracking_threshold)
+            self.trackers[index] = topology.SequenceTracker(verts, faces, config, device=self.pipe.vae.device)
+        self.on_event(Progress(stage="topology", message=f"object {index} frame {frame}"))
+        self.trackers[index].add_frame(field_fn, verts, faces, frame)
 
-        mesher = Mesher(finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, self.vae.device,
-                        workers=params.mesh_workers)
-
-        def emit_mesh(role: str, index: int, frame_index: int | None, latent: torch.Tensor) -> None:
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            t = time.perf_counter()
-            field_fn = self.vae.field_fn(latent)
-            # Tracking needs the field again once the mesh is done; otherwise drop it right away.
-            keep = field_fn if (role == "dynamic" and params.topology == "tracked") else None
-            mesher.submit(field_fn, (role, index, frame_index, keep))
-            del field_fn, keep
-            timings["meshing"] += time.perf_counter() - t
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-        def on_stage_a(static: torch.Tensor, dynamic: torch.Tensor) -> None:
-            for i in range(S):
-                emit_mesh("static", i, None, static[i])
-            tick(K)  # the stage-A dynamic meshes are not exported (stage B re-does every frame)
-
-        def on_frame(f: int, latents: torch.Tensor) -> None:
-            for k in range(K):
-                emit_mesh("dynamic", k, f, latents[k])
-
-        try:
-            try:
-                t = time.perf_counter()
-                self.sample(
-                    inputs,
-                    params,
-                    noise=noise,
-                    on_step=on_step,
-                    on_stage_a=on_stage_a,
-                    on_frame=on_frame,
-                    cancel=cancel,
-                )
-                timings["sampling"] = time.perf_counter() - t - timings["meshing"]
-                t = time.perf_counter()
-                mesher.drain()
-                timings["meshing"] += time.perf_counter() - t
-            except torch.cuda.OutOfMemoryError as err:
-                raise OutOfMemory(
-                    "the GPU ran out of memory; use fewer tokens (num_tokens), fewer frames or a smaller "
-                    f"window (dynamic_max_memory_frames) ({err})"
-                ) from err
-            if params.topology == "tracked":
-                self._finish_tracking(writer, names, S, trackers, on_event)
-            on_event(Progress(stage="export", done=done[0], total=total, message="combined frames"))
-            if params.combined_frames:
-                writer.write_combined_frames()
-            if params.preview:
-                from com4d.preview import render_scene_preview
-
-                render_scene_preview(writer, out / "preview.png")
-        except COM4DError as err:
-            writer.finish("cancelled" if err.code == "cancelled" else "failed")
-            raise
-        except BaseException:
-            writer.finish("failed")
-            raise
-        finally:
-            mesher.close()
-            trackers.clear()
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        writer.finish("complete")
-        timings["total"] = time.perf_counter() - t0
-        on_event(Done(scene_path="scene.json"))
-        return SceneResult(out / "scene.json", out, frame_numbers, timings)
-
-    @staticmethod
-    def _track_frame(trackers: dict, index: int, frame: int, field_fn, verts: np.ndarray, faces: np.ndarray,
-                     params: ReconstructionParams, on_event: EventCallback, device: torch.device) -> None:
-        """Tracked topology: move object `index`'s first mesh onto this frame's surface while the
-        frame's field is still alive (it is freed right after)."""
-        from com4d import tracking
-
-        if index not in trackers:
-            if len(faces) == 0:
-                return  # no base mesh yet: the object starts tracking at its first non-empty frame
-            config = tracking.TrackingConfig()
-            if params.tracking_threshold is not None:
-                config = dataclasses.replace(config, chamfer_threshold=params.tracking_threshold)
-            trackers[index] = tracking.SequenceTracker(verts, faces, config, device=device)
-        on_event(Progress(stage="tracking", message=f"object {index} frame {frame}"))
-        trackers[index].add_frame(field_fn, verts, faces, frame)
-
-    @staticmethod
-    def _finish_tracking(writer: SceneWriter, names: list[str], S: int, trackers: dict,
-                         on_event: EventCallback) -> None:
-        for k, tracker in sorted(trackers.items()):
+    def finish_topology(self) -> None:
+        names = self.plan.dynamic_names
+        for k, tracker in sorted(self.trackers.items()):
             seq = tracker.result()
             fallback = list(seq.fallback_frames)
-            rel = writer.set_tracked(k, seq.frames, seq.vertices, seq.faces, fallback)
+            rel = self.writer.set_tracked(k, seq.frames, seq.vertices, seq.faces, fallback)
             if fallback:
                 why = "; ".join(seq.reasons[f] for f in fallback[:3])
-                on_event(WarningEvent(
+                self.on_event(WarningEvent(
                     code="tracking_fallback",
-                    message=f"{names[S + k]}: the tracked mesh does not follow the surface on {len(fallback)} "
+                    message=f"{names[k]}: the tracked mesh does not follow the surface on {len(fallback)} "
                             f"frame(s) ({why}); those frames keep their own meshes",
                     frames=fallback,
                 ))
-            on_event(TrackedMeshReady(name=names[S + k], object_index=k, frames=list(seq.frames),
-                                      vertices=seq.vertices, faces=seq.faces, path=rel, fallback_frames=fallback,
-                                      color=writer.get("dynamic", k).color))
+            self.on_event(TrackedMeshReady(name=names[k], object_index=k, frames=list(seq.frames),
+                                           vertices=seq.vertices, faces=seq.faces, path=rel, fallback_frames=fallback,
+                                           color=self.writer.get("dynamic", k).color))
+
+    # -- the job ----------------------------------------------------------------------------------
+
+    def sample_and_mesh(self, noise: dict[str, torch.Tensor] | None) -> None:
+        """Sampling with meshing streamed behind it; a CUDA out-of-memory becomes an OutOfMemory."""
+        try:
+            t = time.perf_counter()
+            self.pipe.sample(self.inputs, self.params, noise=noise, on_step=self.on_step, on_stage_a=self.on_stage_a,
+                             on_frame=self.on_frame, cancel=self.cancel, plan=self.plan)
+            self.timings["sampling"] = time.perf_counter() - t - self.timings["meshing"]
+            t = time.perf_counter()
+            self.mesher.drain()
+            self.timings["meshing"] += time.perf_counter() - t
+        except torch.cuda.OutOfMemoryError as err:
+            raise OutOfMemory(
+                "the GPU ran out of memory; use fewer tokens (num_tokens), fewer frames or a smaller "
+                f"window (dynamic_max_memory_frames) ({err})"
+            ) from err
+
+    def export(self) -> None:
+        self.on_event(Progress(stage="export", done=self.done, total=self.plan.total_units, message="combined frames"))
+        if self.params.combined_frames:
+            self.writer.write_stage_a_scene()
+            self.writer.write_combined_frames()
+        if self.params.preview:
+            from com4d.preview import render_scene_preview
+
+            render_scene_preview(self.writer, self.out / "preview.png")
+
+    def execute(self, noise: dict[str, torch.Tensor] | None, started: float) -> SceneResult:
+        if self.plan.windows and self.params.dynamic_ar_block_size > self.params.dynamic_max_memory_frames:
+            # accepted like the official code, which trims all history and only warns
+            self.on_event(WarningEvent(
+                code="block_exceeds_memory",
+                message=f"dynamic_ar_block_size {self.params.dynamic_ar_block_size} exceeds "
+                        f"dynamic_max_memory_frames {self.params.dynamic_max_memory_frames}: windows keep no "
+                        "history, so consecutive blocks are not linked",
+            ))
+        try:
+            self.sample_and_mesh(noise)
+            if self.params.topology == "tracked":
+                self.finish_topology()
+            self.export()
+        except COM4DError as err:
+            self.writer.finish("cancelled" if err.code == "cancelled" else "failed")
+            raise
+        except BaseException:
+            self.writer.finish("failed")
+            raise
+        finally:
+            self.mesher.close()
+            self.trackers.clear()
+            gc.collect()
+            if self.pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.writer.finish("complete")
+        self.timings["total"] = time.perf_counter() - started
+        self.on_event(Done(scene_path="scene.json"))
+        return SceneResult(self.out / "scene.json", self.out, list(self.plan.frame_numbers), self.timings)
 
 
 __all__ = [
@@ -604,7 +625,7 @@ __all__ = [
     "Latents",
     "ReconstructionParams",
     "ReconstructionRequest",
+    "ReconstructionRun",
     "SceneResult",
     "default_noise",
-    "select_frames",
 ]

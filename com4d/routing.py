@@ -85,3 +85,22 @@ def block_kinds(num_layers: int, spatial_block_ids: Sequence[int]) -> list[str]:
     """'spatial' or 'temporal' per block for the grid forward (spatial ids take precedence)."""
     spatial = set(spatial_block_ids)
     return ["spatial" if i in spatial else "temporal" for i in range(num_layers)]
+
+
+def check_skip_pairing(num_layers: int, spatial_block_ids: Sequence[int]) -> None:
+    """Refuse layouts where one long-skip stack differs from the official per-kind stacks.
+
+    The official grid forward keeps one skip stack per column for spatial blocks and one per row for
+    temporal blocks; the DiT here keeps a single stack. Block mid - j pushes what block mid + j
+    pops (mid = num_layers // 2), so the two agree exactly when each such pair has the same kind, as
+    in every released layout (spatial and temporal blocks alternating).
+    """
+    kinds = block_kinds(num_layers, spatial_block_ids)
+    mid = num_layers // 2
+    for j in range(1, mid + 1):
+        if mid + j < num_layers and kinds[mid - j] != kinds[mid + j]:
+            raise ValueError(
+                f"block {mid - j} is {kinds[mid - j]} but block {mid + j}, which reads its long skip, is "
+                f"{kinds[mid + j]}; only layouts whose skip pairs have the same kind (e.g. alternating "
+                "spatial/temporal blocks, as released) are supported"
+            )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import trimesh
 
 from com4d.meshing import write_glb
+from com4d.plan import file_stems
 
 SCENE_FORMAT = "com4d-scene"
 SCENE_VERSION = 1
@@ -28,32 +28,6 @@ def object_color(index: int) -> list[float]:
     """A distinct, stable colour per object (golden-angle hues)."""
     r, g, b = colorsys.hsv_to_rgb((0.08 + index * 0.618034) % 1.0, 0.55, 0.9)
     return [round(r, 3), round(g, 3), round(b, 3)]
-
-
-def safe_name(name: str) -> str:
-    """A file-system-safe version of an object name (the manifest keeps the real name)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "object"
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """Make names unique the way Blender does: 'chair', 'chair.001', ..."""
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        base = n.strip() or "object"
-        if base not in seen:
-            seen[base] = 0
-            out.append(base)
-            continue
-        while True:
-            seen[base] += 1
-            candidate = f"{base}.{seen[base]:03d}"
-            if candidate not in seen:
-                seen[candidate] = 0
-                out.append(candidate)
-                break
-    return out
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -77,9 +51,11 @@ class SceneObject:
     index: int
     color: list[float]
     mesh: str | None = None
+    stage_a_mesh: str | None = None  # a moving object's stage-A mesh (the official scene_XXX.glb)
     frames: list[dict[str, Any]] = field(default_factory=list)
     topology: str = "per_frame"
     extra: dict[str, Any] = field(default_factory=dict)
+    stem: str = ""  # its files' name: the name made safe and distinct from the others' (plan.file_stems)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "role": self.role, "index": self.index, "color": self.color}
@@ -88,6 +64,8 @@ class SceneObject:
         else:
             d["topology"] = self.topology
             d["frames"] = self.frames
+            if self.stage_a_mesh is not None:
+                d["stage_a_mesh"] = self.stage_a_mesh
             if self.mesh is not None:
                 d["mesh"] = self.mesh
             d.update(self.extra)
@@ -103,7 +81,7 @@ class SceneWriter:
         static_names: list[str],
         dynamic_names: list[str],
         frames: list[int],
-        stage_a_frame: int,
+        stage_a_frame: int | None,
         source: dict[str, Any],
         params: dict[str, Any],
     ):
@@ -114,12 +92,13 @@ class SceneWriter:
         self.source = source
         self.params = params
         self.status = "running"
+        self.stage_a_scene: str | None = None
         self.objects: list[SceneObject] = []
-        for i, n in enumerate(static_names):
-            self.objects.append(SceneObject(n, "static", i, object_color(i)))
-        for k, n in enumerate(dynamic_names):
-            self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k)))
-        self._geometry: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        for i, (n, stem) in enumerate(zip(static_names, file_stems(static_names))):
+            self.objects.append(SceneObject(n, "static", i, object_color(i), stem=stem))
+        for k, (n, stem) in enumerate(zip(dynamic_names, file_stems(dynamic_names))):
+            self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k), stem=stem))
+        self._geometry: dict[tuple[str, int | str], tuple[np.ndarray, np.ndarray]] = {}
         self.save()
 
     def get(self, role: str, index: int) -> SceneObject:
@@ -130,16 +109,26 @@ class SceneWriter:
 
     def add_static(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         obj = self.get("static", index)
-        rel = f"static/{safe_name(obj.name)}.glb"
+        rel = f"static/{obj.stem}.glb"
         self._write_mesh(rel, obj, vertices, faces)
         obj.mesh = rel
         self._geometry[(obj.name, -1)] = (vertices, faces)
         self.save()
         return rel
 
+    def add_stage_a_dynamic(self, index: int, vertices: np.ndarray, faces: np.ndarray) -> str:
+        """A moving object's mesh from stage A (at the stage-A frame)."""
+        obj = self.get("dynamic", index)
+        rel = f"dynamic/{obj.stem}/stage_a.glb"
+        self._write_mesh(rel, obj, vertices, faces)
+        obj.stage_a_mesh = rel
+        self._geometry[(obj.name, "stage_a")] = (vertices, faces)
+        self.save()
+        return rel
+
     def add_dynamic_frame(self, index: int, frame: int, vertices: np.ndarray, faces: np.ndarray) -> str:
         obj = self.get("dynamic", index)
-        rel = f"dynamic/{safe_name(obj.name)}/frame_{frame:06d}.glb"
+        rel = f"dynamic/{obj.stem}/frame_{frame:06d}.glb"
         self._write_mesh(rel, obj, vertices, faces)
         obj.frames = [f for f in obj.frames if f["frame"] != frame] + [{"frame": frame, "mesh": rel}]
         obj.frames.sort(key=lambda f: f["frame"])
@@ -157,9 +146,9 @@ class SceneWriter:
     ) -> str:
         """Record a tracked topology: base mesh GLB (first frame) + (F, V, 3) vertex array."""
         obj = self.get("dynamic", index)
-        base = f"dynamic/{safe_name(obj.name)}/tracked.glb"
+        base = f"dynamic/{obj.stem}/tracked.glb"
         self._write_mesh(base, obj, vertices[0], faces)
-        verts_rel = f"dynamic/{safe_name(obj.name)}/tracked_vertices.npy"
+        verts_rel = f"dynamic/{obj.stem}/tracked_vertices.npy"
         tmp = self.out / (verts_rel + ".tmp.npy")
         np.save(tmp, vertices.astype(np.float32))
         os.replace(tmp, self.out / verts_rel)
@@ -170,6 +159,18 @@ class SceneWriter:
         obj.extra = {"vertices": verts_rel, "fallback_frames": list(fallback_frames)}
         self.save()
         return base
+
+    def write_stage_a_scene(self) -> None:
+        """`stage_a_scene.glb`: every object of stage A in one file (the official scene_all.glb)."""
+        meshes = [(o, self._geometry.get((o.name, -1 if o.role == "static" else "stage_a"))) for o in self.objects]
+        scene = trimesh.Scene()
+        for o, geom in meshes:
+            if geom is not None and len(geom[1]):
+                scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
+        if scene.geometry:
+            (self.out / "stage_a_scene.glb").write_bytes(scene.export(file_type="glb"))
+            self.stage_a_scene = "stage_a_scene.glb"
+            self.save()
 
     def write_combined_frames(self) -> None:
         """One GLB per selected frame with every object of that frame (statics included)."""
@@ -200,6 +201,7 @@ class SceneWriter:
             "source": self.source,
             "frames": self.frames,
             "stage_a_frame": self.stage_a_frame,
+            "stage_a_scene": self.stage_a_scene,
             "params": self.params,
             "objects": [o.to_dict() for o in self.objects],
         }

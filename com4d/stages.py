@@ -19,58 +19,39 @@ from dataclasses import dataclass
 import torch
 
 from com4d.dit import CellContext, COM4DTransformer
+from com4d.plan import Window
 from com4d.scheduler import RectifiedFlowScheduler
 
 # Called once per denoising step: (stage, window, step, steps).
 StepCallback = Callable[[str, int, int, int], None]
-# Called with every model call for tracing/testing: (stage, window, step, x_in, out_cond, out_uncond).
-TraceCallback = Callable[[str, int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# Called with every step's model outputs for tracing/testing: (stage, window, step, x_in, out_cond,
+# out_uncond, first_row). The outputs cover the grid rows first_row.. of x_in (after the stage-B cutoff
+# only the dynamic rows are computed); out_uncond is None when guidance <= 1 skips that pass.
+TraceCallback = Callable[[str, int, int, torch.Tensor, torch.Tensor, torch.Tensor | None, int], None]
 
 
-@dataclass(frozen=True)
-class Window:
-    """One stage-B window: which selected frames are history (clean) and which are new."""
-
-    history: list[int]  # indices into the selected frames
-    new: list[int]
-    initial_history: bool  # the first window also carries the stage-A latent as column 0
-
-    @property
-    def columns(self) -> int:
-        return len(self.history) + len(self.new) + int(self.initial_history)
-
-
-def plan_windows(num_frames: int, block_size: int, max_memory: int) -> list[Window]:
-    """Autoregressive windows: blocks of `block_size` new frames; history = the block before,
-    trimmed from its oldest side so that history + new <= max_memory (the first window has no
-    history but one extra initial-history column)."""
-    if num_frames < 1 or block_size < 1:
-        raise ValueError("need at least one frame and a block size of at least 1")
-    if max_memory < 1:
-        raise ValueError("max_memory must be at least 1")
-    windows = []
-    for start in range(0, num_frames, block_size):
-        new = list(range(start, min(start + block_size, num_frames)))
-        if len(new) > max_memory:
-            raise ValueError(f"block size {block_size} exceeds the memory cap of {max_memory} frames")
-        history = list(range(max(0, start - block_size), start))
-        keep = max_memory - len(new)
-        history = history[len(history) - keep :] if keep > 0 else []
-        windows.append(Window(history=history, new=new, initial_history=start == 0))
-    return windows
-
-
-def _euler(
-    sched: RectifiedFlowScheduler,
-    x: torch.Tensor,
-    v_uncond: torch.Tensor,
-    v_cond: torch.Tensor,
+def _predict(
+    model: COM4DTransformer,
     guidance: float,
-    sigma: float,
-    sigma_next: float,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    ctx_temporal: CellContext,
+    ctx_spatial: CellContext,
+    ctx_zero: CellContext,
+    **grid,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conditional, unconditional) predictions of one step; guidance <= 1 skips the unconditional
+    pass, as the official `do_classifier_free_guidance = guidance > 1`."""
+    cond = model.forward_grid(x, t, ctx_temporal, ctx_spatial, **grid)
+    uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, **grid) if guidance > 1.0 else None
+    return cond, uncond
+
+
+def _velocity(
+    sched: RectifiedFlowScheduler, guidance: float, cond: torch.Tensor, uncond: torch.Tensor | None
 ) -> torch.Tensor:
-    v = sched.guidance(v_uncond, v_cond, guidance)
-    return sched.euler_step(x, v, sigma, sigma_next)
+    """The guided velocity; the conditional prediction alone when there is no unconditional one."""
+    return cond if uncond is None else sched.guidance(uncond, cond, guidance)
 
 
 @torch.no_grad()
@@ -100,11 +81,13 @@ def run_stage_a(
     for i in range(steps):
         spatial = ctx_spatial if i >= full_image_from_step else ctx_temporal
         t = timesteps[i : i + 1].to(x.device)
-        cond = model.forward_grid(x, t, ctx_temporal, spatial, static_rows)  # (M, 1, T, C)
-        uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, static_rows)  # (M, 1, T, C)
+        cond, uncond = _predict(
+            model, guidance, x, t, ctx_temporal, spatial, ctx_zero, static_rows=static_rows
+        )  # (M, 1, T, C) each
         if trace is not None:
-            trace("stage_a", 0, i, x, cond, uncond)
-        x = _euler(sched, x, uncond, cond, guidance, float(sigmas[i]), float(sigmas[i + 1]))
+            trace("stage_a", 0, i, x, cond, uncond, 0)
+        v = _velocity(sched, guidance, cond, uncond)
+        x = sched.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
         if on_step is not None:
             on_step("stage_a", 0, i, steps)
     return x[:, 0]
@@ -147,46 +130,52 @@ def run_stage_b(
     model: COM4DTransformer,
     sched: RectifiedFlowScheduler,
     static_latents: torch.Tensor,
-    initial_latents: torch.Tensor,
+    initial_latents: torch.Tensor | None,
     noise: torch.Tensor,
     tokens: StageBContexts,
     zero_tokens: torch.Tensor,
-    block_size: int = 6,
-    max_memory: int = 8,
+    windows: list[Window],
     steps: int = 50,
     guidance: float = 7.0,
     mix_cutoff: int = 20,
-    skip_static_after_cutoff: bool = True,
+    static_rows_after_cutoff: bool = False,
     on_step: StepCallback | None = None,
     on_frame: Callable[[int, torch.Tensor], None] | None = None,
     trace: TraceCallback | None = None,
 ) -> torch.Tensor:
-    """Dynamic objects over the selected frames.
+    """Dynamic objects over the selected frames, window by window (`com4d.plan.plan_windows`).
 
-    static_latents (S, T, C) and initial_latents (K, T, C) come clean from stage A; noise (K, T, C)
-    is every frame's starting noise (the same for all frames). Returns (K, F, T, C). `on_frame(f,
-    latents (K, T, C))` is called as soon as frame f is final, so meshing can start (and free its
-    memory) while later windows run.
+    static_latents (S, T, C) come clean from stage A (S may be 0), initial_latents (K, T, C) too
+    (None without a stage A; windows then have no initial-history column); noise (K, T, C) is every
+    frame's starting noise (the same for all frames). Returns (K, F, T, C). `on_frame(f, latents
+    (K, T, C))` is called as soon as frame f is final, so meshing can start (and free its memory)
+    while later windows run.
 
     Official behaviour reproduced: every cell (clean static/history cells too) gets the same
     timestep; the first window's initial-history column is the stage-A latent with the image
     tokens of selected frame 0; after step `mix_cutoff` (strictly greater) the spatial blocks turn
-    local and read the object-masked images. The trace reports the dynamic rows' outputs.
+    local and read the object-masked images.
+
+    After the cutoff every block is local for the static rows, so they cannot change the dynamic
+    rows, and only the dynamic rows are computed (the official code computes and discards them).
+    `static_rows_after_cutoff=True` computes the whole grid anyway; it exists so that a test can
+    show both give bitwise the same latents.
     """
     S = static_latents.shape[0]
     K, T, C = noise.shape
     F = tokens.full.shape[0]
     final = torch.empty(K, F, T, C, dtype=noise.dtype, device=noise.device)
-    windows = plan_windows(F, block_size, max_memory)
     sigmas = sched.sigmas(steps)
     timesteps = sched.timesteps(steps)
     for w, win in enumerate(windows):
+        if win.initial_history and initial_latents is None:
+            raise ValueError("the window plan has a stage-A history column but there are no stage-A latents")
         columns = ([0] if win.initial_history else []) + win.history + win.new
         N = len(columns)
         ctx_t, ctx_mix, ctx_cut = window_contexts(tokens, columns, S)
         ctx_zero = CellContext.zeros((S + K) * N, *zero_tokens.shape[-2:], noise.device, zero_tokens.dtype)
         dyn_cells = torch.arange(S * N, (S + K) * N, device=noise.device)
-        ctx_t_dyn, ctx_cut_dyn, ctx_zero_dyn = (c.subset(dyn_cells) for c in (ctx_t, ctx_cut, ctx_zero))
+        ctx_cut_dyn, ctx_zero_dyn = ctx_cut.subset(dyn_cells), ctx_zero.subset(dyn_cells)
         statics = static_latents[:, None].expand(S, N, T, C)  # (S, N, T, C)
         clean = [initial_latents[:, None]] if win.initial_history else []
         clean += [final[:, win.history]] if win.history else []
@@ -196,13 +185,22 @@ def run_stage_b(
             cutoff = i > mix_cutoff
             x = torch.cat([statics, torch.cat([context, current], dim=1)])  # (S+K, N, T, C)
             t = timesteps[i : i + 1].to(x.device)
-            cond = model.forward_grid(x, t, ctx_t, ctx_cut if cutoff else ctx_mix, S, cutoff)
-            uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, S, cutoff)
+            if cutoff and not static_rows_after_cutoff:
+                first = S  # dynamic rows only, at their places in the whole grid
+                cond, uncond = _predict(
+                    model, guidance, x[S:], t, ctx_cut_dyn, ctx_cut_dyn, ctx_zero_dyn,
+                    static_rows=S, cutoff=True, row_offset=S, total_rows=S + K,
+                )  # (K, N, T, C) each
+            else:
+                first = 0
+                cond, uncond = _predict(
+                    model, guidance, x, t, ctx_t, ctx_cut if cutoff else ctx_mix, ctx_zero,
+                    static_rows=S, cutoff=cutoff,
+                )  # (S+K, N, T, C) each
             if trace is not None:
-                trace("stage_b", w, i, x, cond, uncond)
-            stepped = _euler(
-                sched, x[S:], uncond[S:], cond[S:], guidance, float(sigmas[i]), float(sigmas[i + 1])
-            )
+                trace("stage_b", w, i, x, cond, uncond, first)
+            v = _velocity(sched, guidance, cond, uncond)[S - first :]  # (K, N, T, C)
+            stepped = sched.euler_step(x[S:], v, float(sigmas[i]), float(sigmas[i + 1]))
             current = stepped[:, N - len(win.new) :]  # only the new columns are written back
             if on_step is not None:
                 on_step("stage_b", w, i, steps)

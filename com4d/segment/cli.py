@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from com4d.errors import COM4DError
-from com4d.events import Event, Progress, Warning
+from com4d.events import Event, Progress, WarningEvent
 
 DESCRIPTION = "Turn clicks/boxes on objects (prompts.json) into per-frame masks with SAM."
 EXAMPLE = """example:
@@ -77,7 +77,7 @@ class _ProgressBar:
         self._bar = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Warning):
+        if isinstance(event, WarningEvent):
             self._write(f"warning: {event.message}")
         elif isinstance(event, Progress) and not self.disabled and event.total:
             if self._bar is None:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from com4d.errors import InputError, ParameterError, SegmentationError
-from com4d.events import CancelToken, EventCallback, Progress, Warning, ignore_events
+from com4d.events import CancelToken, EventCallback, Progress, WarningEvent, ignore_events
 from com4d.segment.preprocess import (
     SquareTransform,
     centring_shift,
@@ -95,7 +95,7 @@ def segment_clip_to_folder(
 
     `sam_checkpoint` is a SAM v1 checkpoint file (vit_h/l/b, detected from its tensors) or any
     `MaskPredictor`. `on_lost` is "error" (default: raise SegmentationError after writing previews)
-    or "warn" (write masks anyway, lost frames empty, and report them as Warning events).
+    or "warn" (write masks anyway, lost frames empty, and report them as WarningEvent events).
     """
     emit = on_event or ignore_events
     if on_lost not in ("error", "warn"):
@@ -123,7 +123,7 @@ def segment_clip_to_folder(
     lost = result.lost
     for name, frames in lost.items():
         message = describe_lost({name: frames}, clip.frame_numbers)
-        emit(Warning("object_lost", message, [f.frame for f in frames]))
+        emit(WarningEvent("object_lost", message, [f.frame for f in frames]))
 
     out = Path(out_dir)
     write_masks = not lost or on_lost == "warn"

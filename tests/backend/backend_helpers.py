@@ -72,6 +72,16 @@ def collect_job(client: Client, job: str, timeout: float = 120.0) -> list:
     return list(client.job_events(job, timeout=timeout))
 
 
+def wait_for(client: Client, job: str, predicate, timeout: float = 60.0) -> list:
+    """Messages of `job` up to and including the first one that satisfies `predicate`."""
+    seen = []
+    for message in client.job_events(job, timeout=timeout):
+        seen.append(message)
+        if predicate(message):
+            return seen
+    raise AssertionError(f"the job ended without the awaited event: {[m.type for m in seen]}")
+
+
 def run_cli_server(store: Path, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """`python -m backend.cli serve` as a subprocess on a free loopback port; returns it and its address."""
     cmd = [
@@ -129,4 +139,25 @@ def write_mp4(frames_dir: Path, path: Path, fps: int = 24) -> Path:
         for image in images:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
+    return path
+
+
+def many_packet_video(path: Path, packets: int = 300_000, size: int = 16) -> Path:
+    """An mkv of `packets` black size x size frames and no frame count in its header: probing it
+    means demuxing every packet (seconds for 300000), as with the issue's 54 MiB clip of millions
+    of packets."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=1000)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), format="rgb24")
+        data = bytes(next(iter(stream.encode(frame))))
+        for i in range(packets):  # the same encoded frame again and again: no encoding time
+            packet = av.Packet(data)
+            packet.pts = packet.dts = i
+            packet.stream = stream
+            container.mux(packet)
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from backend_helpers import FAST_PARAMS, SLOW_PARAMS, collect_job
+from backend_helpers import FAST_PARAMS, SLOW_PARAMS, collect_job, wait_for
 
 from backend.client import BackendError, Client
 
@@ -20,16 +20,6 @@ STEP_STAGES = ("stage_a", "stage_b")
 
 def meshes_by_key(messages) -> dict[tuple[str, int], object]:
     return {(m["name"], m["frame"]): m for m in messages if m.type == "mesh"}
-
-
-def wait_for(client: Client, job: str, predicate, timeout: float = 60.0):
-    """Messages of `job` up to and including the first one that satisfies `predicate`."""
-    seen = []
-    for message in client.job_events(job, timeout=timeout):
-        seen.append(message)
-        if predicate(message):
-            return seen
-    raise AssertionError(f"the job ended without the awaited event: {[m.type for m in seen]}")
 
 
 def test_a_job_streams_progress_and_meshes_then_done_matching_its_output_folder(client, tiny_masks, server):
@@ -202,7 +192,9 @@ def test_fetch_without_follow_returns_what_exists_and_stops(server, client, tiny
         other.fetch(job, follow=False)
         got = list(other.messages(idle_timeout=1.0))
         assert got[0].type == "job_status" and got[0]["state"] == "running"
-        assert [m.type for m in got[1:]] == ["progress"]
+        # The replay ends with a marker, so a client knows it has everything without waiting on silence.
+        assert [m.type for m in got[1:]] == ["progress", "replay_end"]
+        assert (got[-1]["job"], got[-1]["state"]) == (job, "running")
     client.cancel(job)
     collect_job(client, job, timeout=30)
 
@@ -261,6 +253,7 @@ def test_an_uploaded_video_file_is_probed_stored_in_the_job_and_handed_to_the_pi
 
     with pytest.raises(BackendError) as info:  # bytes that are no video are refused at submit
         client.submit(video=b"\x00" * 5000, video_filename="clip.mp4", prompts=prompts, params=FAST_PARAMS)
-    assert info.value.code == "bad_input"
+    assert info.value.code == "bad_input" and "inputs/video.mp4" in info.value.message
+    assert str(server.store.root) not in info.value.message  # the file by its name in the job, no server path
     assert [j["job"] for j in client.list_jobs()] == [job]
     assert sorted(p.name for p in (server.store.root / "jobs").iterdir()) == [job]

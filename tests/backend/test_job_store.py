@@ -3,6 +3,8 @@ confinement of every write to the job's own folder."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,26 @@ def test_a_pickled_array_planted_in_the_stream_is_not_loaded(tmp_path):
         allow_pickle=True,
     )
     assert store.read_events(job) == []  # the event is dropped, nothing is unpickled
+
+
+def test_retention_deletes_old_finished_jobs_then_the_oldest_over_quota_never_unfinished_ones(tmp_path):
+    store = JobStore(tmp_path / "store")
+    jobs = {}
+    for name, age_days in (("old", 40), ("older_ok", 3), ("newer_ok", 1)):
+        job = store.new_job(name).job
+        store.finish(job, protocol.make("done", job=job, scene="scene.json"), state="done")
+        store.update(job, finished=time.time() - age_days * 86400)
+        (store.out_dir(job) / "mesh.glb").write_bytes(b"\1" * (1 << 20))
+        jobs[name] = job
+    running = store.new_job("running").job
+    store.update(running, state="running")
+    (store.inputs_dir(running) / "video.mp4").write_bytes(b"\1" * (3 << 20))
+
+    used = store.enforce_retention(keep_days=30, max_bytes=6 << 20)  # 'old' goes by age; the rest fits
+    assert store.get(jobs["old"]) is None and not store.job_dir(jobs["old"]).exists()
+    assert store.get(jobs["older_ok"]) is not None and (5 << 20) < used < (6 << 20)
+
+    used = store.enforce_retention(keep_days=30, max_bytes=(4 << 20) + (1 << 19))  # room for one finished job
+    assert {r.job for r in store.list()} == {running, jobs["newer_ok"]}  # the oldest finished one went
+    used = store.enforce_retention(keep_days=30, max_bytes=1)  # never the running job
+    assert [r.job for r in store.list()] == [running] and used >= 3 << 20

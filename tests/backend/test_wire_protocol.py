@@ -211,7 +211,17 @@ def test_reply_schemas_check_mesh_array_dtypes_and_shapes():
 
 
 def test_every_message_type_has_a_schema_on_its_side():
-    assert set(protocol.REQUESTS) == {"hello", "ping", "submit", "cancel", "status", "list_jobs", "fetch"}
+    assert set(protocol.REQUESTS) == {
+        "hello",
+        "ping",
+        "submit",
+        "cancel",
+        "status",
+        "list_jobs",
+        "fetch",
+        "list_files",
+        "get_file",
+    }
     assert set(protocol.REPLIES) == {
         "hello",
         "pong",
@@ -224,6 +234,9 @@ def test_every_message_type_has_a_schema_on_its_side():
         "error",
         "job_status",
         "jobs",
+        "replay_end",
+        "file_list",
+        "file",
     }
 
 

@@ -19,6 +19,15 @@ from com4d.inputs import load_inputs  # noqa: E402
 from com4d.pipeline import COM4DPipeline, ReconstructionParams  # noqa: E402
 
 
+def argv_value(side: dict, flag: str) -> str:
+    argv = side["argv"]
+    return argv[argv.index(flag) + 1]
+
+
+def block_ids(side: dict, flag: str) -> list[int]:
+    return [int(i) for i in argv_value(side, flag).replace(" ", ",").split(",") if i]
+
+
 def params_from_sidecar(side: dict, tensors: dict) -> ReconstructionParams:
     entry = side["params"]["infer_json_entry"]
     cli = side["params"]["cli"]
@@ -41,6 +50,8 @@ def params_from_sidecar(side: dict, tensors: dict) -> ReconstructionParams:
         dynamic_guidance=cli["dynamic_guidance"],
         seed=cli["seed"],
         image_size=cli["image_size"],
+        spatial_block_ids=block_ids(side, "--scene_attn_ids"),
+        temporal_block_ids=block_ids(side, "--dynamic_attn_ids"),
     )
 
 
@@ -65,8 +76,8 @@ def run(official):
     }
     calls: dict[tuple[str, int, int], tuple] = {}
 
-    def trace(stage, window, step, x, cond, uncond):
-        calls[(stage, window, step)] = (x.clone(), cond.clone(), uncond.clone())
+    def trace(stage, window, step, x, cond, uncond, first_row):
+        calls[(stage, window, step)] = (x.clone(), cond.clone(), uncond.clone(), first_row)
 
     latents = pipe.sample(inputs, params_from_sidecar(side, t), noise=noise, trace=trace)
     return pipe, latents, calls
@@ -95,10 +106,11 @@ def test_stage_a_trace_matches_every_official_call(official, run):
     _, _, calls = run
     steps = t["stageA_x_in"].shape[0]
     for i in range(steps):
-        x, _, _ = calls[("stage_a", 0, i)]
+        x, _, _, _ = calls[("stage_a", 0, i)]
         torch.testing.assert_close(x, t["stageA_x_in"][i], atol=1e-5, rtol=1e-5, msg=f"x_in step {i}")
     for j, i in enumerate(t["stageA_trace_steps"].tolist()):
-        _, cond, uncond = calls[("stage_a", 0, i)]
+        _, cond, uncond, first = calls[("stage_a", 0, i)]
+        assert first == 0
         torch.testing.assert_close(cond, t["stageA_out_cond"][j], atol=1e-5, rtol=1e-5, msg=f"cond step {i}")
         torch.testing.assert_close(
             uncond, t["stageA_out_uncond"][j], atol=1e-5, rtol=1e-5, msg=f"uncond step {i}"
@@ -108,17 +120,21 @@ def test_stage_a_trace_matches_every_official_call(official, run):
 def test_stage_b_windows_match_every_official_call(official, run):
     side, t = official
     _, _, calls = run
+    static = side["params"]["infer_json_entry"]["scene_num_parts"]
+    cutoff = side["params"]["infer_json_entry"]["dynamic_mix_cutoff"]
     windows = t["stageB_timesteps"].shape[0]
     for w in range(windows):
         for i in range(t[f"stageB_window{w}_x_in"].shape[0]):
-            x, cond, uncond = calls[("stage_b", w, i)]
+            x, cond, uncond, first = calls[("stage_b", w, i)]
             where = f"window {w} step {i}"
             torch.testing.assert_close(x, t[f"stageB_window{w}_x_in"][i], atol=1e-5, rtol=1e-5, msg=where)
+            # after the cutoff only the dynamic rows are computed (the static ones cannot affect them)
+            assert first == (static if i > cutoff else 0), where
             torch.testing.assert_close(
-                cond, t[f"stageB_window{w}_out_cond"][i], atol=1e-5, rtol=1e-5, msg=where
+                cond, t[f"stageB_window{w}_out_cond"][i][first:], atol=1e-5, rtol=1e-5, msg=where
             )
             torch.testing.assert_close(
-                uncond, t[f"stageB_window{w}_out_uncond"][i], atol=1e-5, rtol=1e-5, msg=where
+                uncond, t[f"stageB_window{w}_out_uncond"][i][first:], atol=1e-5, rtol=1e-5, msg=where
             )
 
 
@@ -140,3 +156,18 @@ def test_fields_of_the_final_latents_match(official, run):
     order = [*latents.static, *latents.dynamic_stage_a, *latents.dynamic[0]]
     fields = torch.stack([pipe.vae.decode(z[None], grid)[0].reshape(n, n, n) for z in order])
     torch.testing.assert_close(fields, t["fields_grid9"], atol=1e-4, rtol=1e-4)
+
+
+def test_skipping_the_static_rows_after_the_cutoff_is_bitwise_the_full_grid(official, run):
+    side, t = official
+    pipe, latents, _ = run
+    inputs = load_inputs(parity_dir() / "cases" / "pipeline_tiny_inputs")
+    noise = {
+        "stage_a_static": t["noise_0_stageA_static"],
+        "stage_a_dynamic": t["noise_1_stageA_dynamic"],
+        "stage_b_dynamic": t["noise_2_stageB_dynamic"],
+    }
+    full = pipe.sample(inputs, params_from_sidecar(side, t), noise=noise, static_rows_after_cutoff=True)
+    assert t["stageB_window0_x_in"].shape[0] > side["params"]["infer_json_entry"]["dynamic_mix_cutoff"] + 1
+    assert torch.equal(full.dynamic, latents.dynamic)
+    assert torch.equal(full.static, latents.static)

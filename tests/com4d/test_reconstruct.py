@@ -74,6 +74,11 @@ def test_events_stream_every_mesh_and_progress_adds_up(pipe, clip, tmp_path):
     dones = [e.done for e in progress]
     assert dones == sorted(dones) and dones[-1] == progress[-1].total
     assert events[-1].kind == "done" and result.frames == scene["frames"]
+    # the official stage-A outputs: every moving object's stage-A mesh and all stage-A meshes in one GLB
+    ball = next(o for o in scene["objects"] if o["role"] == "dynamic")
+    assert ball["stage_a_mesh"] == "dynamic/ball/stage_a.glb" and (tmp_path / "out" / ball["stage_a_mesh"]).is_file()
+    stage_a = trimesh.load(tmp_path / "out" / scene["stage_a_scene"])
+    assert sorted(stage_a.geometry) == sorted(o["name"] for o in scene["objects"])
 
 
 def test_cancel_stops_within_one_step_and_keeps_finished_meshes(pipe, clip, tmp_path):
@@ -126,10 +131,13 @@ def test_bad_inputs_are_named(pipe, clip, tmp_path, breakage, message):
 def test_bad_parameters_are_named(pipe, clip, tmp_path):
     with pytest.raises(InputError, match="selects no frame"):
         pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
-                         ReconstructionParams.from_dict({**FAST, "frame_start": 50}), tmp_path / "o")
-    with pytest.raises(ParameterError, match="exceed the model's 8 objects"):
+                         ReconstructionParams.from_dict({**FAST, "frame_start": 50, "frame_end": None}), tmp_path / "o")
+    with pytest.raises(ParameterError, match=r"scene_num_parts must be in \[0, 8\]"):
         pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
                          ReconstructionParams.from_dict({**FAST, "scene_num_parts": 9}), tmp_path / "o")
+    with pytest.raises(ParameterError, match="8 static parts \\+ 1 dynamic objects exceed the model's 8 objects"):
+        pipe.reconstruct(ReconstructionRequest(frames_dir=clip),
+                         ReconstructionParams.from_dict({**FAST, "scene_num_parts": 8}), tmp_path / "o")
     with pytest.raises(ParameterError, match="unknown parameter 'tokens'"):
         ReconstructionParams.from_dict({"tokens": 5})
     with pytest.raises(ParameterError, match="num_tokens must be an integer"):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from com4d.errors import Cancelled, InputError, ParameterError, SegmentationError
-from com4d.events import CancelToken, Progress, Warning
+from com4d.events import CancelToken, Progress, WarningEvent
 from com4d.segment import segment_clip_to_folder
 from com4d.segment.preprocess import close_mask
 
@@ -110,7 +110,7 @@ def test_writes_the_official_layout_with_masks_matching_the_truth(shapes_clip, s
     assert all(e.stage == "segment" for e in progress)
     assert progress[-1].done == progress[-1].total == 16  # 8 frames segmented + 8 written
     assert [e.done for e in progress if e.total] == sorted(e.done for e in progress if e.total)
-    assert not [e for e in events if isinstance(e, Warning)]
+    assert not [e for e in events if isinstance(e, WarningEvent)]
 
 
 def test_prompt_coordinates_map_onto_the_written_frames(shapes_clip, seg_oracle, tmp_path):
@@ -153,7 +153,7 @@ def test_lost_object_stops_before_masks_with_previews_and_a_report(
         segment_clip_to_folder(folder, prompts, seg_oracle(clip.frames, clip.truth), out, size=32,
                                on_event=events.append)
     assert "contact_sheet.png" in str(err.value)
-    warnings = [e for e in events if isinstance(e, Warning)]
+    warnings = [e for e in events if isinstance(e, WarningEvent)]
     assert [(w.code, w.frames) for w in warnings] == [("object_lost", [3, 4])]
     assert (out / "preview" / "contact_sheet.png").is_file()
     assert not (out / "masks").exists() and not (out / "objects.json").exists()

@@ -1,4 +1,4 @@
-"""Tracked topology: one mesh that deforms through the clip instead of a new mesh per frame (issue 7).
+"""Topology: one mesh per moving object that deforms through the clip (topology="tracked", issue 7).
 
 The reference extracts every frame of a moving object on its own: each frame gets a different vertex
 count and no correspondence, which an animator cannot rig, texture or key as shape keys. Here the
@@ -208,7 +208,7 @@ class TrackedSequence:
             runs.append((start, previous))
         return runs
 
-    def warning(self, name: str) -> events.Warning | None:
+    def warning(self, name: str) -> events.WarningEvent | None:
         """The event that tells the user where the tracked mesh of `name` was replaced, or None."""
         if not self.fallback_frames:
             return None
@@ -216,7 +216,7 @@ class TrackedSequence:
         first = self.fallback_frames[0]
         message = (f"Tracked mesh of '{name}' fell back to per-frame meshes on frames {spans}: "
                    f"{self.reasons[first]}")
-        return events.Warning(code="tracking_fallback", message=message, frames=list(self.fallback_frames))
+        return events.WarningEvent(code="tracking_fallback", message=message, frames=list(self.fallback_frames))
 
 
 class MeshGraph:

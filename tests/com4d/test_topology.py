@@ -15,8 +15,8 @@ import torch
 from skimage.measure import marching_cubes
 
 from com4d.errors import InputError, ParameterError
-from com4d.events import Warning as WarningEvent
-from com4d.tracking import (
+from com4d.events import WarningEvent
+from com4d.topology import (
     SequenceTracker,
     TrackedSequence,
     TrackingConfig,
@@ -397,7 +397,10 @@ def test_tracking_runs_on_cuda_like_on_the_cpu():
                              device="cuda")
     assert set(devices) == {"cuda"}
     assert on_cuda.fallback_frames == []
-    # the GPU rounds differently; tracking is stable under that (see the test above)
+    # The GPU rounds differently; tracking is stable under that: the test above bounds the drift from a
+    # 1e-6 relative change of the field at 1e-4. This CUDA bound (1e-3) has NOT been measured: no GPU was
+    # available to the sessions that wrote it. It is 10x the CPU bound to allow for cuBLAS/TF32 rounding in
+    # the projection; measure the real difference on a card and tighten it (docs/algorithm.md, "Unmeasured").
     assert np.abs(on_cuda.vertices - on_cpu.vertices).max() < 1e-3
 
 
