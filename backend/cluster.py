@@ -39,8 +39,7 @@ from backend.cluster_actor import END, ERROR, GPUWorkerActor, pack_files, unpack
 from backend.store import JobStore, StoreWriteError
 from backend.worker import Publish, Worker
 from com4d.errors import Cancelled, COM4DError, OutOfMemory
-from com4d.events import CancelToken
-from com4d.events import Warning as WarningEvent
+from com4d.events import CancelToken, WarningEvent
 
 log = logging.getLogger("com4d.backend.cluster")
 

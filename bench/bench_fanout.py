@@ -29,18 +29,19 @@ from parity_utils import parity_dir  # noqa: E402
 
 
 def final_latents(pipeline, frames_dir: Path, params) -> list:
-    """The latents a job meshes: the static objects' and each frame's dynamic objects'."""
+    """The latents a job meshes: stage A's (static and moving objects) and each frame's moving ones."""
     from com4d.pipeline import ReconstructionRequest
 
     with tempfile.TemporaryDirectory() as out:
-        inputs, params = pipeline.prepare_inputs(
+        inputs, preselected = pipeline.prepare_inputs(
             ReconstructionRequest(frames_dir=frames_dir), params, Path(out), lambda e: None, None
         )
         latents: list = []
         pipeline.sample(
             inputs,
             params,
-            on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in static),
+            plan=pipeline.plan(inputs, params, preselected),
+            on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in [*static, *dynamic]),
             on_frame=lambda f, frame_latents: latents.extend(x.clone() for x in frame_latents),
         )
     return latents

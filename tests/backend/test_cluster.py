@@ -37,9 +37,9 @@ def out_files(folder: Path) -> dict[str, bytes]:
 
 
 def mesh_events(events: list) -> dict[tuple, tuple[bytes, bytes]]:
-    """(name, frame) -> the bytes of the streamed vertices and faces, for every mesh event."""
+    """(name, role, frame) -> the bytes of the streamed vertices and faces, for every mesh event."""
     return {
-        (m["name"], m["frame"]): (m.arrays["vertices"].tobytes(), m.arrays["faces"].tobytes())
+        (m["name"], m["role"], m["frame"]): (m.arrays["vertices"].tobytes(), m.arrays["faces"].tobytes())
         for m in events
         if m.type == "mesh"
     }
@@ -186,7 +186,7 @@ def test_a_node_that_joins_takes_the_next_job_and_streams_its_files_back(
         assert [m["job"] for m in events] == [job] * len(events)  # no event of the other job
     a, b = (out_files(two_nodes.store.out_dir(job)) for job in jobs)
     assert a.pop("scene.json") and b.pop("scene.json")
-    assert a == b and len(a) == 4
+    assert a == b and sorted(a) == sorted(name for name in reference[0] if name != "scene.json")
 
 
 def test_cancel_reaches_the_running_step_on_the_worker(cluster_server, cluster_client, tiny_masks_dir):
@@ -224,7 +224,7 @@ def _kill_after_first_mesh(server: Server, client: Client, job: str) -> tuple[li
 
 
 def test_a_job_whose_worker_is_killed_runs_again_and_keeps_what_was_finished(
-    two_nodes, cluster_client, tiny_masks_dir
+    two_nodes, cluster_client, tiny_masks_dir, reference
 ):
     cluster_server = two_nodes
     job = cluster_client.submit(masks=tiny_masks_dir, params=LONG_STAGE_B)
@@ -232,8 +232,8 @@ def test_a_job_whose_worker_is_killed_runs_again_and_keeps_what_was_finished(
     assert events[-1].type == "done", events[-1].fields
     lost = [m for m in events if m.type == "warning" and m["code"] == "worker_lost"]
     assert len(lost) == 1 and "attempt 2 of 2" in lost[0]["message"]
-    keys = [(m["name"], m["frame"]) for m in events if m.type == "mesh"]
-    assert len(keys) == len(set(keys)) == 4  # the retry did not send the static mesh again
+    keys = [(m["name"], m["role"], m["frame"]) for m in events if m.type == "mesh"]
+    assert len(keys) == len(set(keys)) == len(reference[1])  # the retry did not send the first mesh again
     assert (cluster_server.store.out_dir(job) / path).read_bytes() == static_glb
     assert cluster_client.status(job)["state"] == "done"
 
@@ -266,20 +266,22 @@ def test_meshing_fanned_out_over_two_workers_gives_the_jobs_own_meshes(
 
     params = ReconstructionParams.from_dict(FAST_PARAMS)
     request = ReconstructionRequest(frames_dir=tiny_masks_dir)
-    inputs, params = tiny_pipeline.prepare_inputs(request, params, tmp_path, lambda event: None, None)
-    latents = []  # every final latent the job meshes: the static objects', then each frame's dynamic ones
+    inputs, preselected = tiny_pipeline.prepare_inputs(request, params, tmp_path, lambda event: None, None)
+    latents = []  # every final latent the job meshes: stage A's, then each frame's dynamic ones
     tiny_pipeline.sample(
         inputs,
         params,
-        on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in static),
+        plan=tiny_pipeline.plan(inputs, params, preselected),
+        on_stage_a=lambda static, dynamic: latents.extend(x.clone() for x in [*static, *dynamic]),
         on_frame=lambda f, frame_latents: latents.extend(x.clone() for x in frame_latents),
     )
     actors = two_nodes.worker.idle_actors()
     assert len(actors) == 2
     meshes = fan_out_meshes(actors, latents, params.mesh_dense_depth, params.mesh_final_depth)
     _, ref_meshes = reference
-    assert len(meshes) == len(ref_meshes) == 4
-    assert sorted((v.tobytes(), f.tobytes()) for v, f in meshes) == sorted(ref_meshes.values())
+    fanned = {(v.tobytes(), f.tobytes()) for v, f in meshes}
+    assert set(ref_meshes.values()) <= fanned
+    assert len(meshes) == len(ref_meshes) + 1  # and the moving object's stage-A mesh (a file, not streamed)
 
 
 def test_bad_cluster_settings_are_refused_with_what_is_wrong(tmp_path):
