@@ -67,6 +67,8 @@ class ClusterConfig:
     ready_timeout_s: float = 600.0  # start() waits this long for the first worker to load its weights
 
     def validate(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"the device of cluster workers is cuda or cpu, not {self.device!r} (Ray picks each GPU)")
         if self.files not in FILE_MODES:
             raise ValueError(f"files must be one of {', '.join(FILE_MODES)}, not {self.files!r}")
         if self.workers is not None and self.workers < 1:

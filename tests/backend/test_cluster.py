@@ -290,6 +290,8 @@ def test_bad_cluster_settings_are_refused_with_what_is_wrong(tmp_path):
         ClusterWorker(store, ClusterConfig(weights="w", files="nfs"))
     with pytest.raises(ValueError, match="workers must be at least 1"):
         ClusterWorker(store, ClusterConfig(weights="w", workers=0))
+    with pytest.raises(ValueError, match="cuda or cpu, not 'cuda:1'"):
+        ClusterWorker(store, ClusterConfig(weights="w", device="cuda:1"))
 
 
 def test_shipped_files_cannot_leave_their_folder(tmp_path):
