@@ -52,7 +52,8 @@ log = logging.getLogger("com4d.backend.server")
 
 LOCAL_OWNER = "local"  # the owner of every job of a server without keys
 MAX_CHUNK_BYTES = 4 << 20  # one `file` reply
-HOUSEKEEPING_S = 60.0
+HOUSEKEEPING_S = 60.0  # retention and quota: at start and this often
+HOUSEKEEPING_AFTER_SUBMIT_S = 10.0  # and after a submit, if the last run is older than this
 
 
 @dataclass
@@ -554,7 +555,9 @@ class Server:
             return
         del msg  # the uploaded frames can be freed now
         self._call_soon(lambda: self._admitted(peer, job, None, request_id))
-        self._housekeeping()
+        if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_AFTER_SUBMIT_S:  # the quota sees the upload
+            self._last_housekeeping = time.monotonic()
+            self._housekeeping()
 
     def _admitted(
         self, peer: _Request, job: str | None, error: protocol.Message | None, request_id: Any = None

@@ -210,16 +210,27 @@ def _check_prompts(prompts: Any, limits: SubmitLimits) -> dict[str, Any]:
 
 
 def planned_frames(
-    available: int, dynamic: list[str], static: list[str], params: dict[str, Any], limits: SubmitLimits
+    available: int,
+    dynamic: list[str],
+    static: list[str],
+    params: dict[str, Any],
+    limits: SubmitLimits,
+    segmented: bool = False,
 ) -> int:
     """How many frames the job runs on, by the library's own plan (com4d/plan.py) of `available`
     frames and these objects; the plan's refusals (frame range, stage-A frame, objects or window
-    against the model) become the submit's."""
+    against the model) become the submit's. `segmented`: a video with prompts, whose segmentation
+    reads only the selected frames, planned then as the pipeline does (`preselected`)."""
+    checked = check_params(params)
     summary = InputSummary(frame_numbers=range(available), dynamic_names=dynamic, static_names=static)
     try:
-        return len(plan_reconstruction(summary, check_params(params), limits.model).frames)
+        plan = plan_reconstruction(summary, checked, limits.model)
+        if segmented:
+            summary = InputSummary(plan.frame_numbers, dynamic, static, preselected=True)
+            plan = plan_reconstruction(summary, checked, limits.model)
     except COM4DError as exc:
         raise Rejected(exc.code, str(exc)) from None
+    return len(plan.frames)
 
 
 def _prompt_objects(request: dict[str, Any], job_dir: Path) -> tuple[list[str], list[str]]:
@@ -257,7 +268,7 @@ def _inspect(request: dict[str, Any], job_dir: Path, limits: SubmitLimits) -> No
     params = request.get("params") or {}
     if request.get("video") is not None:
         count, frame_pixels = _clip_size(root, limits)
-        selected = planned_frames(count, *_prompt_objects(request, job_dir), params, limits)
+        selected = planned_frames(count, *_prompt_objects(request, job_dir), params, limits, segmented=True)
         decoded = selected * max(frame_pixels)
     else:
         if not (root / "frames").is_dir() or not (root / "masks").is_dir():

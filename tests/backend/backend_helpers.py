@@ -161,3 +161,16 @@ def many_packet_video(path: Path, packets: int = 300_000, size: int = 16) -> Pat
             packet.stream = stream
             container.mux(packet)
     return path
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring width x height RGB pixels, then IEND; no pixel data."""
+
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

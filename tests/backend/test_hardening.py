@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from backend_helpers import SLOW_PARAMS, collect_job, many_packet_video, raw_request, start_server, wait_for
+from backend_helpers import (
+    SLOW_PARAMS,
+    collect_job,
+    many_packet_video,
+    png_header_only,
+    raw_request,
+    start_server,
+    wait_for,
+)
 
 from backend import protocol
 from backend.client import BackendError, Client, read_key_pair, read_public_key
@@ -228,3 +236,12 @@ def test_the_secret_key_file_is_created_0600_without_a_chmod(tmp_path):
     assert chmods == []
     public, secret = read_key_pair(tmp_path / "keys" / "clients" / "client.key_secret")
     assert len(public) == 40 and len(secret) == 40 and zmq.curve_public(secret) == public
+
+
+def test_an_upload_of_huge_frames_is_refused_from_the_headers_and_nothing_is_kept(server, client, tiny_masks):
+    files = {f"frames/{i:06d}.png": png_header_only(9000, 9000) for i in range(10)}
+    files.update({f"masks/{i:06d}_object_000.png": png_header_only(9000, 9000) for i in range(10)})
+    with pytest.raises(BackendError) as refused:
+        client.request("submit", {"masks": {}, "params": {"frame_stride": 1}}, files=files)
+    assert refused.value.code == "bad_input" and "9000x9000" in refused.value.message
+    assert client.list_jobs() == [] and list((server.store.root / "jobs").iterdir()) == []

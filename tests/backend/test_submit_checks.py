@@ -9,28 +9,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
-from backend_helpers import masks_dir
+from backend_helpers import masks_dir, png_header_only
 
 from backend.submit import Rejected, SubmitLimits, check_resubmit, check_submit, inspect_inputs
 from com4d.params import ModelLimits
 
 LIMITS = SubmitLimits(model=ModelLimits(part_rows=8, frame_rows=16))
 MASK_FILES = {"frames/000000.png": b"x", "masks/000000_object_000.png": b"x"}
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk declaring width x height RGB pixels, then IEND; no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def rejected(call, *args) -> Rejected:
@@ -200,3 +188,20 @@ def test_the_librarys_plan_refuses_at_submit_what_would_fail_in_the_job(tmp_path
     frames = {f"{i:06d}.png": png_header_only(64, 64) for i in range(40)}
     err = rejected(inspect_inputs, masks_request(params), stored_masks(tmp_path, frames), LIMITS)
     assert err.code == code and words in str(err)
+
+
+def test_a_video_with_prompts_is_planned_as_the_pipeline_plans_it(tmp_path):
+    # Segmentation reads only the selected frames, so the stage-A frame must be one of them.
+    from backend_helpers import many_packet_video
+
+    prompts = {"objects": [{"name": "a", "role": "dynamic", "prompts": [{"frame": 0, "points": [[8, 8, 1]]}]}]}
+    job_dir = tmp_path / "job"
+    (job_dir / "inputs").mkdir(parents=True)
+    many_packet_video(job_dir / "inputs" / "video.mkv", packets=12)
+    fields = {"video": {"filename": "clip.mkv"}, "prompts": prompts, "params": {"frame_stride": 2, "stage_a_frame": 3}}
+    err = rejected(inspect_inputs, check_submit(fields, {"video": b""}, LIMITS), job_dir, LIMITS)
+    assert err.code == "bad_parameter" and "stage_a_frame 3" in str(err)
+    fields["params"]["stage_a_frame"] = 4
+    request = check_submit(fields, {"video": b""}, LIMITS)
+    inspect_inputs(request, job_dir, LIMITS)
+    assert request["video"]["frames"] == 12
