@@ -90,6 +90,7 @@ class _Member:
     name: str
     actor: Any
     ready: bool = False  # weights loaded and reachable (False while Ray restarts it)
+    loaded: bool = False  # it loaded its weights at least once
     job: str | None = None
     node: str | None = None
 
@@ -261,6 +262,8 @@ class ClusterWorker:
         self._started_ray = False
         self._node: str | None = None
         self._describe: dict[str, Any] | None = None
+        self._made = 0  # workers created so far (their names)
+        self._start_failure: str | None = None  # why a worker could not load its weights: make no more
         self._actor_class: Any = None
         self._uses_gpus = True
 
@@ -298,7 +301,8 @@ class ClusterWorker:
             while not any(m.ready for m in self._members):
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._members:
-                    raise RuntimeError("no cluster worker loaded its weights in time (see the Ray logs)")
+                    why = self._start_failure or f"none within {self.config.ready_timeout_s:g} s"
+                    raise RuntimeError(f"no cluster worker could load its weights: {why} (the Ray logs have more)")
                 self._cond.wait(min(left, 1.0))
 
     def start(self) -> None:
@@ -416,13 +420,14 @@ class ClusterWorker:
     def _grow(self) -> None:
         """Create an actor for every worker the cluster has room for and that has none yet."""
         with self._cond:
-            missing = self._target_workers() - len(self._members)
+            missing = 0 if self._start_failure else self._target_workers() - len(self._members)
             new = []
             for _ in range(max(0, missing)):
                 actor = self._actor_class.remote(
                     self.config.weights, self.config.device, self.config.dtype, self.config.sam_checkpoint
                 )
-                member = _Member(f"w{len(self._members)}", actor)
+                member = _Member(f"w{self._made}", actor)
+                self._made += 1
                 self._members.append(member)
                 new.append(member)
         for member in new:
@@ -447,6 +452,8 @@ class ClusterWorker:
                     log.error("cluster worker %s is gone for good: %s", member.name, exc)
                 with self._cond:
                     self._members.remove(member)
+                    if not member.loaded:  # it would fail again on the next GPU: make no more
+                        self._start_failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
                     orphans: list[str] = []
                     if not self._members and not self._stopping:
                         orphans = list(self._queue)
@@ -458,7 +465,7 @@ class ClusterWorker:
                 return
         with self._cond:
             member.node = where["node"]
-            member.ready = True
+            member.ready = member.loaded = True
             if info is not None and self._describe is None:
                 self._describe = info
             self._cond.notify_all()
