@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   com4d-backend serve --weights ~/models --bind tcp://0.0.0.0:5555 --keys ~/com4d-keys \\
       --clients ~/com4d-keys/clients
   com4d-backend ping --connect tcp://127.0.0.1:5555
+  com4d-backend serve --weights ~/models --ray auto           # every GPU of this machine (pip install com4d[cluster])
+  com4d-backend serve --weights ~/models --ray head-node:6379  # every GPU of a Ray cluster (docs/deploy.md)
 """
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -111,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admins", type=Path, default=None, help="with --keys: folder of public keys that see and cancel every job"
     )
+    ray = serve.add_argument_group("cluster mode (Ray; `pip install com4d[cluster]`, docs/deploy.md)")
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run jobs on Ray, one worker per GPU: `auto` (this machine's cluster, started if none) or HOST:PORT",
+    )
+    ray.add_argument("--ray-workers", type=int, default=None, help="workers to start (default: one per GPU)")
+    ray.add_argument(
+        "--ray-job-retries", type=int, default=1, help="runs more of a job whose worker died (default %(default)s)"
+    )
+    ray.add_argument(
+        "--ray-files",
+        choices=("auto", "stream", "shared"),
+        default="auto",
+        help="how workers on other machines get inputs and return files: auto (bytes unless on this machine), "
+        "stream (bytes always), shared (the store is mounted at the same path on every node)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     keys = sub.add_parser(
@@ -179,9 +199,33 @@ def _serve(args: argparse.Namespace) -> int:
     from com4d.pipeline import COM4DPipeline
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
-    logging.getLogger("com4d.backend").info("loading %s on %s (%s)", args.weights, args.device, dtype)
-    pipeline = COM4DPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, sam_checkpoint=args.sam)
-    server = Server(pipeline, JobStore(args.store), config)
+    store = JobStore(args.store)
+    if args.ray is not None:
+        from backend.cluster import ClusterConfig, ClusterWorker
+
+        cluster = ClusterWorker(
+            store,
+            ClusterConfig(
+                weights=str(args.weights),
+                address=args.ray,
+                device=args.device,
+                dtype=dtype,
+                sam_checkpoint=str(args.sam) if args.sam else None,
+                workers=args.ray_workers,
+                job_retries=args.ray_job_retries,
+                files=args.ray_files,
+            ),
+            memory_budget=args.memory_budget,
+        )
+        log = logging.getLogger("com4d.backend")
+        log.info("joining Ray (%s); its workers load %s (%s)", args.ray, args.weights, dtype)
+        config.device = f"ray:{args.device}"  # this process holds no GPU; each worker's is in `model`
+        cluster.connect()
+        server = Server(cluster, store, config, worker=cluster.serving)
+    else:
+        logging.getLogger("com4d.backend").info("loading %s on %s (%s)", args.weights, args.device, dtype)
+        pipeline = COM4DPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, sam_checkpoint=args.sam)
+        server = Server(pipeline, store, config)
     server.bind()
     print(f"com4d-backend serving on {server.address}", flush=True)
 

@@ -12,5 +12,5 @@ VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip
 # torch first, pinned to the build that lies on this machine's disk (CUDA build, runs on CPU too).
 "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VPY" -m pip install -q -e ".[dev]"
+"$VPY" -m pip install -q -e ".[dev,cluster]"
 "$VPY" -c "import torch, transformers, safetensors, skimage, trimesh, av, zmq, msgpack, segment_anything, bpy; print('setup ok: torch', torch.__version__, '| bpy', bpy.app.version_string)"
