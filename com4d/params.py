@@ -98,7 +98,8 @@ SPECS: tuple[Spec, ...] = (
         "scene_num_parts",
         "int",
         None,
-        "static latents of stage A; 0 skips stage A; default: the static objects named in the input, else 1",
+        "static latents of stage A, at most the model's part-table rows minus the moving objects; 0 skips stage A; "
+        "default: the static objects named in the input, else 1",
         0,
         None,
         nullable=True,

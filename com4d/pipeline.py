@@ -1,8 +1,9 @@
 """The COM4D reconstruction: frames + masks (or a video + prompts) -> a 4D scene of meshes.
 
-`COM4DPipeline` composes the parts — DINOv2 conditioning, the DiT, the flow scheduler, the stage-A/B
-sampler (`com4d.stages`), the VAE and meshing — and streams results: every mesh is extracted and
-written as soon as its latent is final, its field freed, and an event reported.
+`COM4DPipeline` holds the models of one weights folder. A job is planned once, up front
+(`com4d.plan`: frames, objects, windows, output files), then executed by a `ReconstructionRun`: the
+stage-A/B sampler (`com4d.stages`) streams final latents, each mesh is extracted and written as soon
+as its latent is final, its field freed, and an event reported.
 
     pipe = COM4DPipeline.from_pretrained("weights/", device="cuda")
     pipe.reconstruct(ReconstructionRequest(frames_dir="clip/"), ReconstructionParams(), "out/")
