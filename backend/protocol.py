@@ -53,15 +53,6 @@ class Limits:
     max_file_bytes: int = 2**31  # one file (a video)
     max_message_bytes: int = 2**32  # all blobs of one message together
 
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "max_header_bytes": self.max_header_bytes,
-            "max_blobs": self.max_blobs,
-            "max_array_bytes": self.max_array_bytes,
-            "max_file_bytes": self.max_file_bytes,
-            "max_message_bytes": self.max_message_bytes,
-        }
-
 
 class ProtocolError(Exception):
     """A message that breaks the protocol. `code` goes on the wire; `str(err)` says what was wrong.
