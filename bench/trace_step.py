@@ -58,7 +58,9 @@ from com4d.vae import ShapeVAE, VAEConfig
 
 aten = torch.ops.aten
 
-GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+            aten.mm.out, aten.addmm.out, aten.bmm.out, aten.baddbmm.out}
+ADD_GEMMS = {aten.addmm.default, aten.baddbmm.default, aten.addmm.out, aten.baddbmm.out}  # (c, a, b)
 # Ops that return a view or allocate without writing: no kernel, no traffic.
 FREE_OPS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
@@ -169,10 +171,10 @@ class OpCounter(TorchDispatchMode):
         tally.kernels += 1
         tally.by_op[str(packet)] += 1
         if func in GEMM_OPS:
-            a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
+            a, b = (args[1], args[2]) if func in ADD_GEMMS else args[:2]
             batch = a.shape[0] if a.dim() == 3 else 1
             tally.gemm_flop += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-            if func in (aten.addmm.default, aten.baddbmm.default):  # the bias read
+            if func in ADD_GEMMS:  # the bias (or accumulated matrix) read
                 tally.bytes += nbytes(args[0])
             return out
         outs = tensors(out)

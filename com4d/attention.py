@@ -186,26 +186,38 @@ class FeedForward(nn.Module):
 
 def grouped_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[Segment] | None
-) -> torch.Tensor:
+) -> list[tuple[slice, torch.Tensor]]:
     """Self-attention over cells, groups of consecutive cells attending jointly; no gathers.
 
     q, k, v: (B, L, H, hd) views of the projections (token-major). Each segment's cells form
     `groups` groups of `size` consecutive cells, attending as one sequence of size*L tokens.
-    None: every cell alone. Returns (B, L, H*hd), token-major, ready for the output projection.
+    None: every cell alone. Returns [(cells, output (n, L, H*hd))] per segment, token-major.
     """
     B, L, H, hd = q.shape
     if segments is None:
         segments = [Segment(0, B, 1)]
-    if len(segments) == 1 and segments[0].cells == B:
-        s = segments[0]
-        qg, kg, vg = (t.reshape(s.groups, s.size * L, H, hd).transpose(1, 2) for t in (q, k, v))
-        return sdpa(qg, kg, vg).transpose(1, 2).reshape(B, L, H * hd)  # (B, L, D)
-    out = q.new_empty(B, L, H, hd)
+    parts = []
     for s in segments:
         part = slice(s.start, s.start + s.cells)
         qg, kg, vg = (t[part].reshape(s.groups, s.size * L, H, hd).transpose(1, 2) for t in (q, k, v))
-        out[part].view(s.groups, s.size * L, H, hd).copy_(sdpa(qg, kg, vg).transpose(1, 2))
-    return out.view(B, L, H * hd)  # (B, L, D)
+        o = sdpa(qg, kg, vg)  # (G, H, n*L, hd)
+        parts.append((part, o.transpose(1, 2).reshape(s.cells, L, H * hd)))  # a view after flash/cuDNN
+    return parts
+
+
+def project_parts(linear: nn.Linear, parts: list[tuple[slice, torch.Tensor]], cells: int) -> torch.Tensor:
+    """`linear` over each (cells, x (n, L, Din)) part, written straight into one (cells, L, Dout) result."""
+    if len(parts) == 1 and parts[0][1].shape[0] == cells:
+        return linear(parts[0][1])
+    first = parts[0][1]
+    out = first.new_empty(cells, first.shape[1], linear.out_features)
+    for part, x in parts:
+        if torch.is_grad_enabled() or linear.bias is None:
+            out[part] = linear(x)
+        else:  # the GEMM writes its rows of the result (no copy)
+            torch.addmm(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(),
+                        out=out[part].view(-1, linear.out_features))
+    return out
 
 
 class Attention(nn.Module):
@@ -274,7 +286,8 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention projections (B, L, D) -> q, k, v (B, L, H, hd), q and k normed."""
         B, L, _ = x.shape
-        q, k, v = (t.view(B, L, self.heads, self.head_dim) for t in self._project(x, [self.to_q, self.to_k, self.to_v]))
+        projected = self._project(x, [self.to_q, self.to_k, self.to_v])
+        q, k, v = (t.view(B, L, self.heads, self.head_dim) for t in projected)
         if hasattr(self, "norm_q"):
             q, k = self.norm_q(q), self.norm_k(k)
         return q, k, v
@@ -289,20 +302,16 @@ class Attention(nn.Module):
             k = self.norm_k(k)  # normed while contiguous
         return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, Lc, hd)
 
-    def merge(self, o: torch.Tensor) -> torch.Tensor:
-        """(B, L, H*hd) token-major attention output -> (B, L, D) through to_out."""
-        return self.to_out[0](o)
-
     def forward(self, x: torch.Tensor, segments: Sequence[Segment] | None = None) -> torch.Tensor:
         """Self-attention x (B, L, D) -> (B, L, D), grouped by `segments` (None: every cell alone)."""
         q, k, v = self.project_qkv(x)  # (B, L, H, hd) each
-        return self.merge(grouped_sdpa(q, k, v, segments))  # (B, L, D)
+        return project_parts(self.to_out[0], grouped_sdpa(q, k, v, segments), x.shape[0])  # (B, L, D)
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Cross-attention of x (B, L, D) to precomputed k, v (B, H, Lc, hd) -> (B, L, D)."""
         q = self.query(x).transpose(1, 2)  # (B, H, L, hd)
         B, H, L, hd = q.shape
-        return self.merge(sdpa(q, k, v).transpose(1, 2).reshape(B, L, H * hd))
+        return self.to_out[0](sdpa(q, k, v).transpose(1, 2).reshape(B, L, H * hd))  # (B, L, D)
 
 
 def fuse_projections(module: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from com4d import routing
-from com4d.attention import Attention, FeedForward, FP32AccLayerNorm, fuse_projections, sdpa
+from com4d.attention import Attention, FeedForward, FP32AccLayerNorm, fuse_projections, project_parts, sdpa
 from com4d.errors import WeightsError
 from com4d.weights import (
     DIFFUSERS_WEIGHTS,
@@ -191,17 +191,12 @@ def cross_attention(
     q = attn.query(x)  # (B, L, H, hd)
     k, v = ctx.keys_values(attn)  # (U', H, Lc, hd)
     B, L, H, hd = q.shape
-    pieces = ctx.plan(grid, layout)
-    if len(pieces) == 1:
-        _, G, n, u = pieces[0]
-        qg = q.reshape(G, n * L, H, hd).transpose(1, 2)  # (G, H, n*L, hd)
-        o = sdpa(qg, k[u : u + G], v[u : u + G]).transpose(1, 2).reshape(B, L, H * hd)
-        return attn.merge(o)  # (B, L, D)
-    out = q.new_empty(B, L, H, hd)
-    for b, G, n, u in pieces:
+    parts = []
+    for b, G, n, u in ctx.plan(grid, layout):
         qg = q[b : b + G * n].reshape(G, n * L, H, hd).transpose(1, 2)  # (G, H, n*L, hd)
-        out[b : b + G * n].view(G, n * L, H, hd).copy_(sdpa(qg, k[u : u + G], v[u : u + G]).transpose(1, 2))
-    return attn.merge(out.view(B, L, H * hd))  # (B, L, D)
+        o = sdpa(qg, k[u : u + G], v[u : u + G])  # (G, H, n*L, hd)
+        parts.append((slice(b, b + G * n), o.transpose(1, 2).reshape(G * n, L, H * hd)))
+    return project_parts(attn.to_out[0], parts, B)  # (B, L, D)
 
 
 @dataclass

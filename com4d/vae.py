@@ -163,7 +163,7 @@ class CrossAttentionBlock(nn.Module):
             q = self.attn2.query(self.norm2(h)).transpose(1, 2)  # (B, H, P, hd)
             k, v = select_topk_keys(q, k, v, topk)  # (B, H, topk, hd)
             B, H, P, hd = q.shape
-            h = h + self.attn2.merge(sdpa(q, k, v).transpose(1, 2).reshape(B, P, H * hd))  # (B, P, D)
+            h = h + self.attn2.to_out[0](sdpa(q, k, v).transpose(1, 2).reshape(B, P, H * hd))  # (B, P, D)
         else:
             h = h + self.attn2.attend(self.norm2(h), k, v)  # (B, P, D)
         return h + self.ff(self.norm3(h))  # (B, P, D)
