@@ -3,12 +3,17 @@ and the same features."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from com4d.conditioning import ImageEncoder
-from tests.parity_utils import parity_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity_utils import parity_dir  # noqa: E402
 
 
 def frames() -> list[np.ndarray]:

@@ -3,8 +3,10 @@ within 2 s while a mesh is being made; finished meshes are unchanged by the canc
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,9 @@ from com4d import meshing
 from com4d.errors import Cancelled, InputError
 from com4d.events import CancelToken
 from com4d.mesher import Mesher
-from tests.parity_utils import load_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity_utils import load_case  # noqa: E402
 
 
 def volumes() -> dict[str, np.ndarray]:
