@@ -321,6 +321,12 @@ class COM4DTransformer(nn.Module):
                 stack.append(h)
         return h
 
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` every block in place (parameter names unchanged); options go to
+        torch.compile. The routing's Python bookkeeping stays eager (graph breaks around it)."""
+        for block in self.blocks:
+            block.compile(**options)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T+1, D) -> predicted velocity x0 - eps (B, T, C); token 0 is dropped."""
         return self.proj_out(self.norm_out(h[:, 1:]))

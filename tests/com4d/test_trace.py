@@ -61,3 +61,18 @@ def test_leaving_out_the_static_rows_after_the_cutoff_costs_less(traced):
     mixing, cutoff = traced["stage_b_mixing"], traced["stage_b_cutoff"]
     assert cutoff["tflop_gemm"] < mixing["tflop_gemm"] / 2
     assert cutoff["non_gemm_gb"] < mixing["non_gemm_gb"]
+
+
+def test_gpu_session_runs_end_to_end_on_the_cpu(tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        report = load("gpu_session").main(
+            ["--device", "cpu", "--tiny", "--out", str(tmp_path), "--repeat", "1", "--no-compile"]
+        )
+    written = json.loads((tmp_path / "gpu_session.json").read_text())
+    assert set(written) >= {"versions", "ceilings", "steps", "attention", "mesh", "job"}
+    assert set(written["steps"]) == {"stage_a", "stage_b_mixing", "stage_b_cutoff", "vae_dense_16"}
+    assert "math" in written["versions"]["attention_backends"]
+    assert all(row["math"] > 0 for row in written["attention"])
+    job = report["job"]
+    assert job["total_s"] == pytest.approx(job["sampling_s"] + job["mesh_stall_s"])
