@@ -18,7 +18,7 @@ import time
 import torch
 
 from com4d.attention import fuse_projections
-from com4d.dit import COM4DTransformer, DiTConfig
+from com4d.dit import CellContext, COM4DTransformer, DiTConfig
 from com4d.vae import ShapeVAE, VAEConfig
 
 
@@ -28,10 +28,12 @@ def dit_step_flops(cfg: DiTConfig, rows: int, cols: int, static_rows: int, token
 
     Both branches run every linear layer except the cross-attention's: the unconditional branch's
     image tokens are zero, so its cross-attention is the output bias (no q, o, K/V or attention).
+    What does not depend on the image tokens runs once for both (`forward_grid_guided`): proj_in,
+    the timestep MLP (8 D^2 for the one timestep) and block 0's self-attention.
     Per token and block: self q, k, v, o 4 D^2; cross q, o 2 D^2 (conditional only); feed-forward
     8 D^2 (D -> 4D -> D); the long-skip linear 2 D^2 in the blocks after the middle one. Per block,
     cross K/V of each image set the block reads (`ctx_sets` by block kind): 2 * Lc * Dc * D. Plus
-    proj_in and proj_out (T * C * D each per cell) and the timestep MLP (8 D^2 for the one timestep).
+    proj_out (T * C * D per cell) in each branch.
     Attention: 4 * Lq * Lk * D per group; spatial blocks join a column (local after the cutoff or
     with one row), temporal blocks join a dynamic row (static rows and one-column grids are local).
     `rows`, `cols` are the rows that are computed (after the cutoff the pipeline leaves static rows
@@ -42,20 +44,20 @@ def dit_step_flops(cfg: DiTConfig, rows: int, cols: int, static_rows: int, token
     spatial_ids = set(cfg.spatial_block_ids)
     kinds = ["spatial" if i in spatial_ids else "temporal" for i in range(NL)]
     skips = NL - NL // 2 - 1
-    branch = cells * L * 12 * D * D * NL + cells * L * 2 * D * D * skips + 2 * cells * tokens * C * D
-    branch += int(D * cfg.mlp_ratio) * D * 2
+    branch = cells * L * (12 * NL - 4) * D * D + cells * L * 2 * D * D * skips + cells * tokens * C * D
+    shared = cells * L * 4 * D * D + cells * tokens * C * D + int(D * cfg.mlp_ratio) * D * 2
     cond = cells * L * 2 * D * D * NL + sum(ctx_sets[k] for k in kinds) * ctx_tokens * 2 * Dc * D
-    gemm = 2 * (2 * branch + cond)
+    gemm = 2 * (2 * branch + shared + cond)
     dynamic = rows - static_rows
     attention = 0.0
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         if kind == "spatial" and not cutoff and rows > 1:
             self_attn = cols * 4 * (rows * L) ** 2 * D
         elif kind == "temporal" and cols > 1 and dynamic > 0:
             self_attn = dynamic * 4 * (cols * L) ** 2 * D + static_rows * cols * 4 * L * L * D
         else:
             self_attn = cells * 4 * L * L * D
-        attention += 2 * self_attn + cells * 4 * L * ctx_tokens * D
+        attention += (1 if i == 0 else 2) * self_attn + cells * 4 * L * ctx_tokens * D
     return gemm, attention
 
 
@@ -124,12 +126,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             g = torch.Generator(device="cpu").manual_seed(1)
             x = torch.randn(M, N, tokens, dcfg.in_channels, generator=g).to(device, dtype)
             enc = torch.randn(M, N, ctx, dcfg.cross_attention_dim, generator=g).to(device, dtype)
-            zero = torch.zeros_like(enc)
+            zero = CellContext.zeros(M * N, ctx, dcfg.cross_attention_dim, device, dtype)
 
             def step(x=x, enc=enc, zero=zero, M=M, N=N, S=S, cutoff=cutoff, model=model):
                 with torch.no_grad():
-                    c = model.forward_grid(x, 500.0, enc, enc, S, cutoff)
-                    u = model.forward_grid(x, 500.0, zero, zero, S, cutoff)
+                    c, u = model.forward_grid_guided(x, 500.0, enc, enc, zero, S, cutoff)
                     return u + 7.0 * (c - u)
 
             flops = sum(dit_step_flops(dcfg, M, N, S, tokens, ctx, cutoff, {"spatial": M * N, "temporal": M * N}))

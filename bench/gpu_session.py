@@ -153,8 +153,7 @@ def step_fns(model: COM4DTransformer, vae: ShapeVAE, sizes: dict, device, dtype)
 
         def step():
             with torch.no_grad():
-                c = model.forward_grid(x, 500.0, ctx_t, ctx_s, S, cutoff, **extra)
-                u = model.forward_grid(x, 500.0, zero, zero, S, cutoff, **extra)
+                c, u = model.forward_grid_guided(x, 500.0, ctx_t, ctx_s, zero, S, cutoff, **extra)
                 return u + 7.0 * (c - u)
 
         return step

@@ -8,7 +8,8 @@ No GPU and no weights are needed: the models are built on the meta device (shape
 real code path runs under two interception modes. Steps:
 
 * `stage_a`: the stage-A step, 4 static + 2 dynamic objects in one column, conditional and
-  unconditional forward (`run_stage_a`'s two `forward_grid` calls);
+  unconditional branch through `forward_grid_guided` (embeddings and block 0's self-attention
+  computed once for both);
 * `stage_b_mixing`: a stage-B window of 6 rows x 8 frames before the mixing cutoff, both branches;
 * `stage_b_cutoff`: the same window after the cutoff, dynamic rows only (`forward_grid(...,
   row_offset=S, total_rows=S+K)`, as the pipeline runs it once static rows are skipped);
@@ -244,8 +245,7 @@ def step_fns(dcfg: DiTConfig, vcfg: VAEConfig, sizes: dict, dtype: torch.dtype) 
         ctx_zero = CellContext.zeros(rows * N, Lc, Dc, meta, dtype)
         spatial = ctx_t if cutoff else ctx_mix
         extra = {"row_offset": row_offset, "total_rows": M} if row_offset else {}
-        model.forward_grid(x, 500.0, ctx_t, spatial, static_rows, cutoff, **extra)
-        model.forward_grid(x, 500.0, ctx_zero, ctx_zero, static_rows, cutoff, **extra)
+        model.forward_grid_guided(x, 500.0, ctx_t, spatial, ctx_zero, static_rows, cutoff, **extra)
 
     def dense() -> None:
         latents = torch.empty(1, T, vcfg.latent_channels, device=meta, dtype=dtype)

@@ -235,6 +235,13 @@ class DiTBlock(nn.Module):
         """h, skip: (B, L, D) row-major cells -> (B, L, D) row-major. Inside, the block runs in
         `route.layout`: a column-major block pays one transposing copy on the way in (folded into
         the skip concatenation where there is one) and writes its last residual add row-major."""
+        return self.finish(self.attend_self(h, route, grid, skip), route, grid)
+
+    def attend_self(
+        self, h: torch.Tensor, route: BlockRoute, grid: routing.Grid, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block up to its self-attention residual: (B, L, D) row-major -> (B, L, D) in
+        `route.layout`. It does not read the image context."""
         layout = route.layout
         if skip is not None:
             if layout == routing.ROWS:
@@ -245,7 +252,12 @@ class DiTBlock(nn.Module):
             h = self.skip_norm(self.skip_linear(cat))  # (B, L, D) in layout
         else:
             h = routing.relayout(h, grid, routing.ROWS, layout)  # (B, L, D) in layout
-        h = h + self.attn1(self.norm1(h), route.segments)  # (B, L, D)
+        return h + self.attn1(self.norm1(h), route.segments)  # (B, L, D)
+
+    def finish(self, h: torch.Tensor, route: BlockRoute, grid: routing.Grid) -> torch.Tensor:
+        """The rest of the block: cross-attention and feed-forward, (B, L, D) in `route.layout` ->
+        (B, L, D) row-major."""
+        layout = route.layout
         h = h + cross_attention(self.attn2, self.norm2(h), route.ctx, grid, layout)  # (B, L, D)
         # The feed-forward acts per token: run it on slices of cells so its 4x-wide hidden layer
         # never exists for the whole grid at once (the largest transient of a block). Slices are
@@ -309,14 +321,24 @@ class COM4DTransformer(nn.Module):
         h = self.proj_in(x.to(self.proj_in.weight.dtype))  # (B, T, D)
         return torch.cat([temb[:, None].expand(h.shape[0], 1, -1), h], dim=1)  # (B, T+1, D)
 
-    def run_blocks(self, h: torch.Tensor, routes: Sequence[BlockRoute], grid: routing.Grid) -> torch.Tensor:
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        routes: Sequence[BlockRoute],
+        grid: routing.Grid,
+        first_attended: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Blocks with U-Net long skips: blocks < mid push, block mid passes, blocks > mid pop, so
         block L > mid receives the output of block num_layers-1-L of the same cell. h: (B, L, D)
-        row-major cells."""
+        row-major cells. `first_attended`: block 0's `attend_self` output, already computed (h is
+        then not read)."""
         mid = self.cfg.num_layers // 2
         stack = []
         for i, (block, route) in enumerate(zip(self.blocks, routes, strict=True)):
-            h = block(h, route, grid, skip=stack.pop() if i > mid else None)  # (B, L, D)
+            if i == 0 and first_attended is not None:
+                h = block.finish(first_attended, route, grid)  # (B, L, D)
+            else:
+                h = block(h, route, grid, skip=stack.pop() if i > mid else None)  # (B, L, D)
             if i < mid:
                 stack.append(h)
         return h
@@ -355,6 +377,47 @@ class COM4DTransformer(nn.Module):
         ones (after the cutoff, static rows are local in every block); the tables still use each
         row's place in the whole grid. Returns (M, N, T, C).
         """
+        h, grid, routes = self._grid_setup(
+            x, t, ctx_temporal, ctx_spatial, static_rows, cutoff, row_offset, total_rows
+        )
+        return self.head(self.run_blocks(h, routes, grid)).reshape(x.shape)  # (M, N, T, C)
+
+    def forward_grid_guided(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx_temporal: torch.Tensor | CellContext,
+        ctx_spatial: torch.Tensor | CellContext,
+        ctx_uncond: CellContext,
+        static_rows: int,
+        cutoff: bool = False,
+        row_offset: int = 0,
+        total_rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches of guidance: (forward_grid with ctx_*, forward_grid with `ctx_uncond` in
+        every block), bit for bit, computing once what does not depend on the image tokens: the
+        token and table embeddings and block 0's self-attention. Returns two (M, N, T, C)."""
+        h, grid, routes = self._grid_setup(
+            x, t, ctx_temporal, ctx_spatial, static_rows, cutoff, row_offset, total_rows
+        )
+        first = self.blocks[0].attend_self(h, routes[0], grid)  # shared by both branches
+        cond = self.head(self.run_blocks(h, routes, grid, first)).reshape(x.shape)
+        uncond_routes = [BlockRoute(ctx_uncond, r.segments, r.layout) for r in routes]
+        uncond = self.head(self.run_blocks(h, uncond_routes, grid, first)).reshape(x.shape)
+        return cond, uncond
+
+    def _grid_setup(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx_temporal: torch.Tensor | CellContext,
+        ctx_spatial: torch.Tensor | CellContext,
+        static_rows: int,
+        cutoff: bool,
+        row_offset: int,
+        total_rows: int | None,
+    ) -> tuple[torch.Tensor, routing.Grid, list[BlockRoute]]:
+        """Embedded tokens (B, T+1, D), the grid and each block's route for `forward_grid`."""
         M, N, T, C = x.shape
         total_rows = M if total_rows is None else total_rows
         if row_offset and not (cutoff and row_offset <= static_rows):
@@ -370,8 +433,7 @@ class COM4DTransformer(nn.Module):
         spatial_layout = routing.block_layout(grid, "spatial", cutoff)
         spatial = BlockRoute(ctx_s, routing.spatial_segments(grid, cutoff), spatial_layout)
         temporal = BlockRoute(ctx_t, routing.temporal_segments(grid), routing.ROWS)
-        h = self.run_blocks(h, [spatial if k == "spatial" else temporal for k in kinds], grid)
-        return self.head(h).reshape(M, N, T, C)  # (M, N, T, C)
+        return h, grid, [spatial if k == "spatial" else temporal for k in kinds]
 
     def cell_embeddings(
         self, grid: routing.Grid, row_offset: int = 0, total_rows: int | None = None
