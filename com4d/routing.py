@@ -10,7 +10,7 @@ attends only to itself (local) or jointly with other cells (global):
   deforming objects). Static rows stay local there.
 
 Stage B's "cutoff" makes the spatial blocks local too. Training batches use the same idea with
-groups given by counts (parts of one scene, or frames of one object), see `groups_from_counts`.
+groups given by counts (parts of one scene, or frames of one object), see `segments_from_counts`.
 
 A routing is a list of `Segment`s: runs of consecutive cells cut into equal groups, so that every
 group is a view of the cell batch (`attention.grouped_sdpa`), never a gather. For that the grid is
