@@ -1,10 +1,10 @@
 """Turning final latents into meshes while the sampler keeps the GPU busy.
 
 A mesh has two halves: the field on the hierarchical grid (VAE queries, on the GPU) and Lewiner
-marching cubes on the finished grid (scikit-image, on the CPU, holding the GIL for seconds at
-512^3). `Mesher.submit` runs the first half at once — so the field is freed as soon as the latent
-is final — and hands the grid to a pool of worker *processes* for the second half (a thread would
-stall the sampler, which needs the GIL to launch its kernels). The finished meshes are collected in
+marching cubes plus trimesh's processing on the finished grid (on the CPU, holding the GIL for
+seconds at 512^3). `Mesher.submit` runs the first half at once — so the field is freed as soon as
+the latent is final — and hands the grid to a pool of worker *processes* for the second half (a
+thread would stall the sampler, which needs the GIL to launch its kernels). The finished meshes are collected in
 submission order by `poll()` (called once per denoising step) and `drain()`, on the caller's
 thread, so events and files are produced where they always were. Same input, same function: the
 meshes are identical to `meshing.extract_mesh`'s.
@@ -50,14 +50,24 @@ def default_workers(final_depth: int) -> int:
     return min(4, cores - 2)
 
 
-def _marching_cubes_shared(
-    name: str, shape: tuple[int, ...], bounds: tuple[float, ...], depth: int, extractor: str
-):
-    """Worker side: marching cubes on a grid in shared memory (no copy of the 512 MiB volume)."""
+def mesh_arrays(volume: np.ndarray, depth: int, extractor: str) -> tuple[np.ndarray, np.ndarray]:
+    """Marching cubes and trimesh's default processing (the official mesh) -> vertices (V, 3)
+    float32 and faces (F, 3) int32 wound outwards; both empty when there is no surface."""
+    result = meshing.marching_cubes(volume, meshing.DEFAULT_BOUNDS, depth, extractor)
+    if result is None:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
+    mesh = trimesh.Trimesh(vertices=result[0], faces=result[1])  # the official default processing
+    vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float32)
+    faces = np.ascontiguousarray(mesh.faces[:, ::-1], dtype=np.int32)  # outward winding
+    return vertices, faces
+
+
+def _mesh_shared(name: str, shape: tuple[int, ...], depth: int, extractor: str):
+    """Worker side: `mesh_arrays` on a grid in shared memory (no copy of the 512 MiB volume)."""
     shm = shared_memory.SharedMemory(name=name)
     try:
         volume = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
-        return meshing.marching_cubes(volume, bounds, depth, extractor)
+        return mesh_arrays(volume, depth, extractor)
     finally:
         shm.close()
 
@@ -133,14 +143,12 @@ class Mesher:
         if self.workers == 0:
             if self.cancel is not None:
                 self.cancel()
-            item.result = meshing.marching_cubes(volume, meshing.DEFAULT_BOUNDS, self.final_depth, self.extractor)
+            item.result = mesh_arrays(volume, self.final_depth, self.extractor)
             return
         item.shm = shared_memory.SharedMemory(create=True, size=volume.nbytes)
         np.ndarray(volume.shape, np.float32, buffer=item.shm.buf)[...] = volume
-        item.future = self._executor().submit(
-            _marching_cubes_shared, item.shm.name, volume.shape, meshing.DEFAULT_BOUNDS, self.final_depth,
-            self.extractor,
-        )
+        item.future = self._executor().submit(_mesh_shared, item.shm.name, volume.shape, self.final_depth,
+                                              self.extractor)
 
     def poll(self) -> None:
         """Start marching cubes for every grid that has reached the host; finish every mesh at the
@@ -172,13 +180,7 @@ class Mesher:
                 item.shm.close()
                 item.shm.unlink()
                 item.shm = None
-        if result is None:
-            vertices, faces = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
-        else:
-            mesh = trimesh.Trimesh(vertices=result[0], faces=result[1])  # the official default processing
-            vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float32)
-            faces = np.ascontiguousarray(mesh.faces[:, ::-1], dtype=np.int32)  # outward winding
-        self.finish(item.payload, vertices, faces)
+        self.finish(item.payload, *result)
 
     def close(self) -> None:
         """Drop queued work (e.g. after a cancel) and stop the pool without waiting for a marching
