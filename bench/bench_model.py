@@ -17,33 +17,48 @@ import time
 
 import torch
 
-from com4d.dit import COM4DTransformer, DiTConfig
+from com4d.attention import fuse_projections
+from com4d.dit import CellContext, COM4DTransformer, DiTConfig
 from com4d.vae import ShapeVAE, VAEConfig
 
 
-def dit_step_flops(cfg: DiTConfig, rows: int, cols: int, tokens: int, ctx_tokens: int, cutoff: bool,
-                   unique_contexts: int, cfg_branches: int = 2) -> float:
-    """Analytic FLOPs of one guided step of forward_grid (multiply-add = 2 FLOPs).
+def dit_step_flops(cfg: DiTConfig, rows: int, cols: int, static_rows: int, tokens: int, ctx_tokens: int,
+                   cutoff: bool, ctx_sets: dict[str, int]) -> tuple[float, float]:
+    """Analytic (GEMM, attention) FLOPs of one guided step of forward_grid, multiply-add = 2 FLOP.
 
-    Linear layers per token: self q,k,v,o (4 D^2), cross q,o (2 D^2), FF (8 D^2 twice = 16 D^2);
-    long skips (2 D^2 in 10 blocks); attention scores + weighted sums: 4 * L_q * L_k * D per group.
-    Cross-attention K/V of the image tokens are cached per stage and not counted per step.
+    Both branches run every linear layer except the cross-attention's: the unconditional branch's
+    image tokens are zero, so its cross-attention is the output bias (no q, o, K/V or attention).
+    What does not depend on the image tokens runs once for both (`forward_grid_guided`): proj_in,
+    the timestep MLP (8 D^2 for the one timestep) and block 0's self-attention.
+    Per token and block: self q, k, v, o 4 D^2; cross q, o 2 D^2 (conditional only); feed-forward
+    8 D^2 (D -> 4D -> D); the long-skip linear 2 D^2 in the blocks after the middle one. Per block,
+    cross K/V of each image set the block reads (`ctx_sets` by block kind): 2 * Lc * Dc * D. Plus
+    proj_out (T * C * D per cell) in each branch.
+    Attention: 4 * Lq * Lk * D per group; spatial blocks join a column (local after the cutoff or
+    with one row), temporal blocks join a dynamic row (static rows and one-column grids are local).
+    `rows`, `cols` are the rows that are computed (after the cutoff the pipeline leaves static rows
+    out, `static_rows` = 0 then).
     """
-    D, NL = cfg.width, cfg.num_layers
-    L = tokens + 1
-    cells = rows * cols
-    linear = cells * L * 2 * (22 * D * D) * NL + cells * L * 2 * (2 * D * D) * (NL - NL // 2 - 1)
-    attn = 0.0
-    for i in range(NL):
-        spatial = i in cfg.spatial_block_ids
-        if spatial and not cutoff and rows > 1:
-            attn += cols * 4 * (rows * L) ** 2 * D
-        elif not spatial and cols > 1:
-            attn += rows * 4 * (cols * L) ** 2 * D  # upper bound: static rows are local
+    D, Dc, NL, C = cfg.width, cfg.cross_attention_dim, cfg.num_layers, cfg.in_channels
+    L, cells = tokens + 1, rows * cols
+    spatial_ids = set(cfg.spatial_block_ids)
+    kinds = ["spatial" if i in spatial_ids else "temporal" for i in range(NL)]
+    skips = NL - NL // 2 - 1
+    branch = cells * L * (12 * NL - 4) * D * D + cells * L * 2 * D * D * skips + cells * tokens * C * D
+    shared = cells * L * 4 * D * D + cells * tokens * C * D + int(D * cfg.mlp_ratio) * D * 2
+    cond = cells * L * 2 * D * D * NL + sum(ctx_sets[k] for k in kinds) * ctx_tokens * 2 * Dc * D
+    gemm = 2 * (2 * branch + shared + cond)
+    dynamic = rows - static_rows
+    attention = 0.0
+    for i, kind in enumerate(kinds):
+        if kind == "spatial" and not cutoff and rows > 1:
+            self_attn = cols * 4 * (rows * L) ** 2 * D
+        elif kind == "temporal" and cols > 1 and dynamic > 0:
+            self_attn = dynamic * 4 * (cols * L) ** 2 * D + static_rows * cols * 4 * L * L * D
         else:
-            attn += cells * 4 * L * L * D
-        attn += cells * 4 * L * ctx_tokens * D
-    return cfg_branches * (linear + attn)
+            self_attn = cells * 4 * L * L * D
+        attention += (1 if i == 0 else 2) * self_attn + cells * 4 * L * ctx_tokens * D
+    return gemm, attention
 
 
 def vae_decode_flops(cfg: VAEConfig, points: int, tokens: int) -> float:
@@ -75,7 +90,7 @@ def build_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: in
     torch.manual_seed(seed)
     with torch.device(device):
         model = COM4DTransformer(cfg)
-    return model.to(dtype).eval().requires_grad_(False)
+    return fuse_projections(model.to(dtype).eval().requires_grad_(False))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -98,6 +113,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "stage_b window (6 rows x 8 frames, mixing)": (6, 8, 4, False),
         "stage_b window (6 rows x 8 frames, cutoff)": (6, 8, 4, True),
     }
+    # Distinct image sets read by the spatial and temporal blocks (per-cell tokens here).
     results = []
     ref_out: dict[str, torch.Tensor] = {}
     order = ["float32", *[d for d in dtypes if d != "float32"]] if device.type == "cuda" else dtypes
@@ -110,15 +126,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             g = torch.Generator(device="cpu").manual_seed(1)
             x = torch.randn(M, N, tokens, dcfg.in_channels, generator=g).to(device, dtype)
             enc = torch.randn(M, N, ctx, dcfg.cross_attention_dim, generator=g).to(device, dtype)
-            zero = torch.zeros_like(enc)
+            zero = CellContext.zeros(M * N, ctx, dcfg.cross_attention_dim, device, dtype)
 
             def step(x=x, enc=enc, zero=zero, M=M, N=N, S=S, cutoff=cutoff, model=model):
                 with torch.no_grad():
-                    c = model.forward_grid(x, 500.0, enc, enc, S, cutoff)
-                    u = model.forward_grid(x, 500.0, zero, zero, S, cutoff)
+                    c, u = model.forward_grid_guided(x, 500.0, enc, enc, zero, S, cutoff)
                     return u + 7.0 * (c - u)
 
-            flops = dit_step_flops(dcfg, M, N, tokens, ctx, cutoff, M * N)
+            flops = sum(dit_step_flops(dcfg, M, N, S, tokens, ctx, cutoff, {"spatial": M * N, "temporal": M * N}))
             if dt_name == "float32" and device.type == "cuda" and not args.time_fp32:
                 ref_out[name] = step().float()
                 continue

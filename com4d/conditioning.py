@@ -154,6 +154,10 @@ class ImageEncoder:
 
     `encode(images)` gives the conditioning tokens (B, 1 + (size/patch)², hidden) in the model's
     dtype on its device; `unconditional_like(tokens)` the zeros of the guidance branch.
+
+    `offload()` moves the weights to host memory (pinned when they came from a GPU) so that the
+    encoder holds no GPU memory while the DiT samples; the next `encode` (or `onload()`) brings
+    them back to the device they were loaded on, from memory, not from disk.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class ImageEncoder:
         std: Sequence[float] = IMAGENET_STD,
     ):
         self.model = model.eval().requires_grad_(False)
+        self.home = model.embeddings.cls_token.device  # where encode() runs
         self.size = size
         self.mean = tuple(float(x) for x in mean)
         self.std = tuple(float(x) for x in std)
@@ -175,6 +180,26 @@ class ImageEncoder:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embeddings.cls_token.dtype
+
+    @property
+    def offloaded(self) -> bool:
+        return self.device != self.home
+
+    def offload(self) -> None:
+        """Weights to host memory (pinned if the home device is a GPU); no-op when home is the CPU."""
+        if self.offloaded or self.home.type == "cpu":
+            return
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            for p in self.model.parameters():
+                p.data = p.data.pin_memory()
+            for b in self.model.buffers():
+                b.data = b.data.pin_memory()
+
+    def onload(self) -> None:
+        """Weights back to the home device (a no-op when they are there)."""
+        if self.offloaded:
+            self.model.to(self.home, non_blocking=True)
 
     @property
     def hidden_size(self) -> int:
@@ -227,6 +252,7 @@ class ImageEncoder:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         size = size or self.size
         arrays = _stack_rgb(images, size)  # validates every image up front
+        self.onload()
         chunks = []
         with torch.no_grad():
             for start in range(0, len(arrays), batch_size):

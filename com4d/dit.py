@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from com4d import routing
-from com4d.attention import Attention, FeedForward, FP32LayerNorm
+from com4d.attention import Attention, FeedForward, FP32AccLayerNorm, fuse_projections, project_parts, sdpa
 from com4d.errors import WeightsError
 from com4d.weights import (
     DIFFUSERS_WEIGHTS,
@@ -95,17 +95,21 @@ class CellContext:
     """The image tokens each cell cross-attends to.
 
     `features` (U, Lc, Dc) holds U distinct token sets (e.g. one full frame shared by every static
-    row); `index` (B,) says which set cell b reads. Each block computes K/V once per distinct set
-    rather than once per cell (the official code does the latter). They are not kept across
+    row); `index` (B,) says which set cell b (row-major) reads. Each block computes K/V once per
+    distinct set that some cell reads (the official code does it once per cell), and cells reading
+    consecutive sets run as views of the query batch (no gathers). K/V are not kept across
     denoising steps: that would save under 1 % of a step's FLOPs at the real size but hold
     21 blocks x U x Lc x 2D values (about 8 GiB for a stage-B window in fp16).
     """
 
     def __init__(self, features: torch.Tensor, index: torch.Tensor | None = None, zero: bool = False):
         self.features = features  # (U, Lc, Dc)
-        self.index = torch.arange(features.shape[0], device=features.device) if index is None else index
+        self.index = torch.arange(features.shape[0]) if index is None else index
         self.zero = zero
-        self._buckets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._used: torch.Tensor | None = None
+        self._used_features = features
+        self._plans: dict[tuple, list[tuple[int, int, int, int]]] = {}
+        self._ids: list[int] | None = None
 
     @classmethod
     def zeros(cls, cells: int, tokens: int, dim: int, device, dtype) -> CellContext:
@@ -115,57 +119,93 @@ class CellContext:
         is exactly `to_out`'s bias; `cross_attention` uses that instead of computing it.
         """
         feats = torch.zeros(1, tokens, dim, device=device, dtype=dtype)
-        return cls(feats, torch.zeros(cells, dtype=torch.long, device=device), zero=True)
+        return cls(feats, torch.zeros(cells, dtype=torch.long), zero=True)
 
     def subset(self, cells: torch.Tensor) -> CellContext:
         """The same contexts for a subset of the cells."""
-        return CellContext(self.features, self.index[cells], self.zero)
+        return CellContext(self.features, self.index[cells.to(self.index.device)], self.zero)
 
     @classmethod
     def per_cell(cls, tokens: torch.Tensor) -> CellContext:
         """(M, N, Lc, Dc) or (B, Lc, Dc) tokens, one set per cell (no sharing)."""
         return cls(tokens.reshape(-1, *tokens.shape[-2:]))
 
-    def keys_values(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-        return attn.keys_values(self.features.to(attn.to_k.weight.dtype))  # 2 x (U, H, Lc, hd)
-
-    def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Cells grouped by the context they read, bucketed by group size: [(ctx (G,), cells (G, n))]."""
-        if self._buckets is None:
+    def _cell_sets(self) -> list[int]:
+        """Per row-major cell, its set among the used ones (numbered by first use)."""
+        if self._ids is None:
             index = self.index.tolist()
-            cells: dict[int, list[int]] = {}
-            for b, u in enumerate(index):
-                cells.setdefault(u, []).append(b)
-            by_size: dict[int, list[tuple[int, list[int]]]] = {}
-            for u, bs in cells.items():
-                by_size.setdefault(len(bs), []).append((u, bs))
-            dev = self.index.device
-            self._buckets = [
-                (
-                    torch.tensor([u for u, _ in v], device=dev),
-                    torch.tensor([bs for _, bs in v], device=dev),
-                )
-                for _, v in sorted(by_size.items())
-            ]
-        return self._buckets
+            first: dict[int, int] = {}
+            for u in index:
+                first.setdefault(u, len(first))
+            self._ids = [first[u] for u in index]
+            used = list(first)
+            self._used_features = self.features
+            if used != list(range(self.features.shape[0])):
+                self._used = torch.tensor(used, device=self.features.device)
+        return self._ids
+
+    def used_features(self) -> torch.Tensor:
+        """(U', Lc, Dc): only the sets some cell reads, in order of first use (gathered once)."""
+        self._cell_sets()
+        if self._used is not None:
+            self._used_features = self.features[self._used]
+            self._used = None
+        return self._used_features
+
+    def keys_values(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        return attn.keys_values(self.used_features().to(attn.to_k.weight.dtype))  # 2 x (U', H, Lc, hd)
+
+    def plan(self, grid: routing.Grid, layout: str) -> list[tuple[int, int, int, int]]:
+        """Pieces (first cell, G, n, first set) in `layout`: G runs of n consecutive cells, run g
+        reading set first + g. Every piece is a view of the queries and of K/V."""
+        key = (grid.rows, grid.cols, layout)
+        if key not in self._plans:
+            ids = self._cell_sets()
+            if len(ids) != grid.cells:
+                raise ValueError(f"context has {len(ids)} cells, the grid {grid.cells}")
+            ids = [ids[i] for i in routing.cell_order(grid, layout)]
+            runs: list[list[int]] = []  # [first cell, length, set]
+            for b, u in enumerate(ids):
+                if runs and runs[-1][2] == u and runs[-1][0] + runs[-1][1] == b:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([b, 1, u])
+            pieces: list[list[int]] = []  # [first cell, G, n, first set]
+            for b, n, u in runs:
+                if pieces and pieces[-1][2] == n and pieces[-1][3] + pieces[-1][1] == u:
+                    pieces[-1][1] += 1
+                else:
+                    pieces.append([b, 1, n, u])
+            self._plans[key] = [tuple(p) for p in pieces]
+        return self._plans[key]
 
 
-def cross_attention(attn: Attention, x: torch.Tensor, ctx: CellContext) -> torch.Tensor:
-    """Per-cell cross-attention. Cells reading the same context are batched as one query sequence
-    (exact: every query attends to the context independently). x: (B, L, D) -> (B, L, D)."""
+def cross_attention(
+    attn: Attention, x: torch.Tensor, ctx: CellContext, grid: routing.Grid, layout: str
+) -> torch.Tensor:
+    """Per-cell cross-attention, x: (B, L, D) in `layout` -> (B, L, D). Consecutive cells reading the
+    same context run as one query sequence (exact: every query attends to the context alone)."""
     if ctx.zero:  # K = V = 0: uniform weights over zero values, so the output is to_out's bias
         bias = attn.to_out[0].bias
         return bias.expand_as(x) if bias is not None else torch.zeros_like(x)
-    q = attn.query(x)  # (B, H, L, hd)
-    k, v = ctx.keys_values(attn)  # (U, H, Lc, hd)
-    B, H, L, hd = q.shape
-    out = torch.empty_like(q)
-    for ctx_ids, cells in ctx.buckets():
-        G, n = cells.shape
-        qg = q[cells].permute(0, 2, 1, 3, 4).reshape(G, H, n * L, hd)  # (G, H, n*L, hd)
-        o = F.scaled_dot_product_attention(qg, k[ctx_ids], v[ctx_ids])  # (G, H, n*L, hd)
-        out[cells.reshape(-1)] = o.view(G, H, n, L, hd).permute(0, 2, 1, 3, 4).reshape(G * n, H, L, hd)
-    return attn.merge(out)  # (B, L, D)
+    q = attn.query(x)  # (B, L, H, hd)
+    k, v = ctx.keys_values(attn)  # (U', H, Lc, hd)
+    B, L, H, hd = q.shape
+    parts = []
+    for b, G, n, u in ctx.plan(grid, layout):
+        qg = q[b : b + G * n].reshape(G, n * L, H, hd).transpose(1, 2)  # (G, H, n*L, hd)
+        o = sdpa(qg, k[u : u + G], v[u : u + G])  # (G, H, n*L, hd)
+        parts.append((slice(b, b + G * n), o.transpose(1, 2).reshape(G * n, L, H * hd)))
+    return project_parts(attn.to_out[0], parts, B)  # (B, L, D)
+
+
+@dataclass
+class BlockRoute:
+    """What one block reads: its image context, its self-attention groups and the cell layout."""
+
+    ctx: CellContext
+    segments: routing.Segments | None
+    layout: str
 
 
 class DiTBlock(nn.Module):
@@ -177,31 +217,67 @@ class DiTBlock(nn.Module):
         if skip:
             # The official order is linear-then-norm (TripoSG trained it that way).
             self.skip_linear = nn.Linear(2 * D, D)
-            self.skip_norm = FP32LayerNorm(D, eps=1e-5)
-        self.norm1 = FP32LayerNorm(D, eps=1e-5)
+            self.skip_norm = FP32AccLayerNorm(D, eps=1e-5)
+        self.norm1 = FP32AccLayerNorm(D, eps=1e-5)
         self.attn1 = Attention(D, cfg.num_heads, qk_norm=True)
-        self.norm2 = FP32LayerNorm(D, eps=1e-5)
+        self.norm2 = FP32AccLayerNorm(D, eps=1e-5)
         self.attn2 = Attention(D, cfg.num_heads, context_dim=cfg.cross_attention_dim, qk_norm=True)
-        self.norm3 = FP32LayerNorm(D, eps=1e-5)
+        self.norm3 = FP32AccLayerNorm(D, eps=1e-5)
         self.ff = FeedForward(D, cfg.mlp_ratio)
 
     def forward(
         self,
         h: torch.Tensor,
-        ctx: CellContext,
-        groups: routing.Groups | None,
+        route: BlockRoute,
+        grid: routing.Grid,
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """h, skip: (B, L, D) row-major cells -> (B, L, D) row-major. Inside, the block runs in
+        `route.layout`: a column-major block pays one transposing copy on the way in (folded into
+        the skip concatenation where there is one) and writes its last residual add row-major."""
+        return self.finish(self.attend_self(h, route, grid, skip), route, grid)
+
+    def attend_self(
+        self, h: torch.Tensor, route: BlockRoute, grid: routing.Grid, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block up to its self-attention residual: (B, L, D) row-major -> (B, L, D) in
+        `route.layout`. It does not read the image context."""
+        layout = route.layout
         if skip is not None:
-            h = self.skip_norm(self.skip_linear(torch.cat([skip, h], dim=-1)))  # (B, L, D)
-        h = h + self.attn1(self.norm1(h), groups=groups)  # (B, L, D)
-        h = h + cross_attention(self.attn2, self.norm2(h), ctx)  # (B, L, D)
+            if layout == routing.ROWS:
+                cat = torch.cat([skip, h], dim=-1)  # (B, L, 2D)
+            else:
+                cat = torch.cat([routing.relayout(skip, grid, routing.ROWS, layout).view(skip.shape),
+                                 routing.relayout(h, grid, routing.ROWS, layout)], dim=-1)  # (B, L, 2D)
+            h = self.skip_norm(self.skip_linear(cat))  # (B, L, D) in layout
+        else:
+            h = routing.relayout(h, grid, routing.ROWS, layout)  # (B, L, D) in layout
+        return h + self.attn1(self.norm1(h), route.segments)  # (B, L, D)
+
+    def finish(self, h: torch.Tensor, route: BlockRoute, grid: routing.Grid) -> torch.Tensor:
+        """The rest of the block: cross-attention and feed-forward, (B, L, D) in `route.layout` ->
+        (B, L, D) row-major."""
+        layout = route.layout
+        h = h + cross_attention(self.attn2, self.norm2(h), route.ctx, grid, layout)  # (B, L, D)
         # The feed-forward acts per token: run it on slices of cells so its 4x-wide hidden layer
-        # never exists for the whole grid at once (the largest transient of a block).
+        # never exists for the whole grid at once (the largest transient of a block). Slices are
+        # whole columns in the column-major layout so each lands row-major as a view.
+        B = h.shape[0]
         step = max(1, FF_CHUNK_TOKENS // h.shape[1])
-        if h.shape[0] <= step:
+        if layout == routing.COLS:
+            step = max(grid.rows, step // grid.rows * grid.rows)
+        if B <= step and layout == routing.ROWS:
             return h + self.ff(self.norm3(h))  # (B, L, D)
-        return torch.cat([c + self.ff(self.norm3(c)) for c in h.split(step)])  # (B, L, D)
+        out = torch.empty_like(h)  # (B, L, D) row-major
+        for start in range(0, B, step):
+            c = h[start : start + step]
+            a, b = routing.as_rows(c, grid, layout), routing.as_rows(self.ff(self.norm3(c)), grid, layout)
+            target = routing.rows_slice(out, grid, layout, start, c.shape[0])
+            if torch.is_grad_enabled():  # out= does not record gradients
+                target.copy_(a + b)
+            else:
+                torch.add(a, b, out=target)
+        return out
 
 
 class COM4DTransformer(nn.Module):
@@ -245,20 +321,37 @@ class COM4DTransformer(nn.Module):
         h = self.proj_in(x.to(self.proj_in.weight.dtype))  # (B, T, D)
         return torch.cat([temb[:, None].expand(h.shape[0], 1, -1), h], dim=1)  # (B, T+1, D)
 
-    def run_blocks(self, h: torch.Tensor, contexts: Sequence[CellContext], groups: Sequence) -> torch.Tensor:
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        routes: Sequence[BlockRoute],
+        grid: routing.Grid,
+        first_attended: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Blocks with U-Net long skips: blocks < mid push, block mid passes, blocks > mid pop, so
-        block L > mid receives the output of block num_layers-1-L of the same cell."""
+        block L > mid receives the output of block num_layers-1-L of the same cell. h: (B, L, D)
+        row-major cells. `first_attended`: block 0's `attend_self` output, already computed (h is
+        then not read)."""
         mid = self.cfg.num_layers // 2
         stack = []
-        for i, block in enumerate(self.blocks):
-            h = block(h, contexts[i], groups[i], skip=stack.pop() if i > mid else None)  # (B, L, D)
+        for i, (block, route) in enumerate(zip(self.blocks, routes, strict=True)):
+            if i == 0 and first_attended is not None:
+                h = block.finish(first_attended, route, grid)  # (B, L, D)
+            else:
+                h = block(h, route, grid, skip=stack.pop() if i > mid else None)  # (B, L, D)
             if i < mid:
                 stack.append(h)
         return h
 
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` every block in place (parameter names unchanged); options go to
+        torch.compile. The routing's Python bookkeeping stays eager (graph breaks around it)."""
+        for block in self.blocks:
+            block.compile(**options)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T+1, D) -> predicted velocity x0 - eps (B, T, C); token 0 is dropped."""
-        return self.proj_out(self.norm_out(h)[:, 1:])
+        return self.proj_out(self.norm_out(h[:, 1:]))
 
     # -- forwards -----------------------------------------------------------------------------
 
@@ -284,6 +377,47 @@ class COM4DTransformer(nn.Module):
         ones (after the cutoff, static rows are local in every block); the tables still use each
         row's place in the whole grid. Returns (M, N, T, C).
         """
+        h, grid, routes = self._grid_setup(
+            x, t, ctx_temporal, ctx_spatial, static_rows, cutoff, row_offset, total_rows
+        )
+        return self.head(self.run_blocks(h, routes, grid)).reshape(x.shape)  # (M, N, T, C)
+
+    def forward_grid_guided(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx_temporal: torch.Tensor | CellContext,
+        ctx_spatial: torch.Tensor | CellContext,
+        ctx_uncond: CellContext,
+        static_rows: int,
+        cutoff: bool = False,
+        row_offset: int = 0,
+        total_rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches of guidance: (forward_grid with ctx_*, forward_grid with `ctx_uncond` in
+        every block), bit for bit, computing once what does not depend on the image tokens: the
+        token and table embeddings and block 0's self-attention. Returns two (M, N, T, C)."""
+        h, grid, routes = self._grid_setup(
+            x, t, ctx_temporal, ctx_spatial, static_rows, cutoff, row_offset, total_rows
+        )
+        first = self.blocks[0].attend_self(h, routes[0], grid)  # shared by both branches
+        cond = self.head(self.run_blocks(h, routes, grid, first)).reshape(x.shape)
+        uncond_routes = [BlockRoute(ctx_uncond, r.segments, r.layout) for r in routes]
+        uncond = self.head(self.run_blocks(h, uncond_routes, grid, first)).reshape(x.shape)
+        return cond, uncond
+
+    def _grid_setup(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx_temporal: torch.Tensor | CellContext,
+        ctx_spatial: torch.Tensor | CellContext,
+        static_rows: int,
+        cutoff: bool,
+        row_offset: int,
+        total_rows: int | None,
+    ) -> tuple[torch.Tensor, routing.Grid, list[BlockRoute]]:
+        """Embedded tokens (B, T+1, D), the grid and each block's route for `forward_grid`."""
         M, N, T, C = x.shape
         total_rows = M if total_rows is None else total_rows
         if row_offset and not (cutoff and row_offset <= static_rows):
@@ -296,14 +430,10 @@ class COM4DTransformer(nn.Module):
         for term in self.cell_embeddings(grid, row_offset, total_rows):  # one table at a time, official order
             h = h + term.to(h.dtype)[:, None]  # (B, T+1, D)
         kinds = routing.block_kinds(self.cfg.num_layers, self.cfg.spatial_block_ids)
-        spatial = routing.spatial_groups(grid, cutoff, x.device)
-        temporal = routing.temporal_groups(grid, x.device)
-        h = self.run_blocks(
-            h,
-            [ctx_s if k == "spatial" else ctx_t for k in kinds],
-            [spatial if k == "spatial" else temporal for k in kinds],
-        )
-        return self.head(h).reshape(M, N, T, C)  # (M, N, T, C)
+        spatial_layout = routing.block_layout(grid, "spatial", cutoff)
+        spatial = BlockRoute(ctx_s, routing.spatial_segments(grid, cutoff), spatial_layout)
+        temporal = BlockRoute(ctx_t, routing.temporal_segments(grid), routing.ROWS)
+        return h, grid, [spatial if k == "spatial" else temporal for k in kinds]
 
     def cell_embeddings(
         self, grid: routing.Grid, row_offset: int = 0, total_rows: int | None = None
@@ -355,13 +485,13 @@ class COM4DTransformer(nn.Module):
         B, T, C = x.shape
         ctx = context if isinstance(context, CellContext) else CellContext.per_cell(context)
         h = self.embed_tokens(x, t.reshape(B))  # (B, T+1, D)
-        groups = None
+        segments = None
         global_ids: set[int] = set()
         if mode is not None:
             sizes = list(group_sizes or [B])
             if sum(sizes) != B:
                 raise ValueError(f"group sizes {sizes} do not add up to the batch of {B}")
-            groups = routing.groups_from_counts(sizes, x.device)
+            segments = routing.segments_from_counts(sizes)
             if mode == "parts":
                 global_ids = set(self.cfg.spatial_block_ids)
             elif mode == "frames":
@@ -371,8 +501,11 @@ class COM4DTransformer(nn.Module):
             if max(sizes) > 1:
                 for term in self.group_embeddings(sizes, mode):
                     h = h + term.to(h.dtype)[:, None]  # (B, T+1, D)
-        per_block = [groups if i in global_ids else None for i in range(self.cfg.num_layers)]
-        h = self.run_blocks(h, [ctx] * self.cfg.num_layers, per_block)  # (B, T+1, D)
+        grid = routing.Grid(B, 1, B)  # a column of cells, row-major = the batch order
+        routes = [
+            BlockRoute(ctx, segments if i in global_ids else None, routing.ROWS) for i in range(self.cfg.num_layers)
+        ]
+        h = self.run_blocks(h, routes, grid)  # (B, T+1, D)
         return self.head(h)  # (B, T, C)
 
     def group_embeddings(self, sizes: Sequence[int], mode: str) -> list[torch.Tensor]:
@@ -407,7 +540,8 @@ class COM4DTransformer(nn.Module):
         model = model.to_empty(device="cpu")
         state = heads_first_to_standard(load_tensors(weights_path), cfg.num_heads)
         load_state_strict(model, state, weights_path)
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return fuse_projections(model)
 
 
 def config_from_files(config_path: Path, weights_path: Path) -> DiTConfig:

@@ -10,11 +10,13 @@ attends only to itself (local) or jointly with other cells (global):
   deforming objects). Static rows stay local there.
 
 Stage B's "cutoff" makes the spatial blocks local too. Training batches use the same idea with
-groups given by counts (parts of one scene, or frames of one object), see `groups_from_counts`.
+groups given by counts (parts of one scene, or frames of one object), see `segments_from_counts`.
 
-A routing is a list of index tensors (G, n): G groups of n cells each, grouped by size so that
-each size runs as one batched attention call (`attention.grouped_sdpa`). Cell (r, c) has flat index
-r * N + c, matching a (M, N, ...) tensor flattened to (M * N, ...).
+A routing is a list of `Segment`s: runs of consecutive cells cut into equal groups, so that every
+group is a view of the cell batch (`attention.grouped_sdpa`), never a gather. For that the grid is
+laid out per block: row-major ("rows", cell (r, c) at r * N + c) in temporal blocks, where a
+dynamic row is contiguous, and column-major ("cols", cell (r, c) at c * M + r) in spatial blocks,
+where a column is contiguous; `relayout` is the one transpose between them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-Groups = list[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,41 +44,94 @@ class Grid:
         return self.rows * self.cols
 
 
-def _bucket(groups: list[list[int]], device: torch.device | None) -> Groups:
-    """Group lists of cell indices by length into (G, n) tensors."""
-    by_size: dict[int, list[list[int]]] = {}
-    for g in groups:
-        by_size.setdefault(len(g), []).append(g)
-    return [torch.tensor(v, dtype=torch.long, device=device) for _, v in sorted(by_size.items())]
+@dataclass(frozen=True)
+class Segment:
+    """Cells start .. start + groups * size - 1: `groups` groups of `size` consecutive cells."""
+
+    start: int
+    groups: int
+    size: int
+
+    @property
+    def cells(self) -> int:
+        return self.groups * self.size
 
 
-def spatial_groups(grid: Grid, cutoff: bool = False, device: torch.device | None = None) -> Groups | None:
-    """One group per column: every object of one frame. `cutoff` (or a single row) -> local."""
+Segments = list[Segment]
+ROWS, COLS = "rows", "cols"
+
+
+def spatial_segments(grid: Grid, cutoff: bool = False) -> Segments | None:
+    """In the column-major layout: one group per column (every object of one frame). `cutoff` (or
+    a single row) -> None (every cell alone)."""
     if cutoff or grid.rows == 1:
         return None
-    return _bucket([[r * grid.cols + c for r in range(grid.rows)] for c in range(grid.cols)], device)
+    return [Segment(0, grid.cols, grid.rows)]
 
 
-def temporal_groups(grid: Grid, device: torch.device | None = None) -> Groups | None:
-    """One group per dynamic row (every frame of one object); static rows and 1-column grids local."""
+def temporal_segments(grid: Grid) -> Segments | None:
+    """In the row-major layout: one group per dynamic row (every frame of one object); static rows
+    and 1-column grids local (None = every cell alone)."""
     if grid.cols == 1 or grid.static_rows == grid.rows:
         return None
-    groups = []
-    for r in range(grid.rows):
-        row = [r * grid.cols + c for c in range(grid.cols)]
-        groups.extend([row] if r >= grid.static_rows else [[i] for i in row])
-    return _bucket(groups, device)
+    dynamic = Segment(grid.static_rows * grid.cols, grid.rows - grid.static_rows, grid.cols)
+    return ([Segment(0, grid.static_rows * grid.cols, 1)] if grid.static_rows else []) + [dynamic]
 
 
-def groups_from_counts(counts: Sequence[int], device: torch.device | None = None) -> Groups | None:
+def block_layout(grid: Grid, kind: str, cutoff: bool = False) -> str:
+    """The layout a block runs in: column-major only for spatial blocks that join the cells of a
+    column of a multi-column grid (otherwise both layouts are the same or nothing is joined)."""
+    joint = kind == "spatial" and not cutoff and grid.rows > 1 and grid.cols > 1
+    return COLS if joint else ROWS
+
+
+def relayout(h: torch.Tensor, grid: Grid, src: str, dst: str) -> torch.Tensor:
+    """Cells (M*N, ...) from layout `src` to `dst` (one transposing copy; none if they agree)."""
+    if src == dst:
+        return h
+    first, second = (grid.rows, grid.cols) if src == ROWS else (grid.cols, grid.rows)
+    return h.view(first, second, *h.shape[1:]).transpose(0, 1).reshape(h.shape)
+
+
+def as_rows(h: torch.Tensor, grid: Grid, layout: str) -> torch.Tensor:
+    """Cells (k*M, ...) of whole columns in `layout` as a row-major-ordered view (M, k, ...), no copy.
+
+    In the row-major layout it is h itself (any number of cells)."""
+    if layout == ROWS:
+        return h
+    return h.view(-1, grid.rows, *h.shape[1:]).transpose(0, 1)
+
+
+def rows_slice(out: torch.Tensor, grid: Grid, layout: str, start: int, count: int) -> torch.Tensor:
+    """The part of a row-major (M*N, ...) tensor that holds cells start .. start+count of `layout`
+    (whole columns for the column-major layout), shaped like `as_rows` of those cells."""
+    if layout == ROWS:
+        return out[start : start + count]
+    return out.view(grid.rows, grid.cols, *out.shape[1:])[:, start // grid.rows : (start + count) // grid.rows]
+
+
+def cell_order(grid: Grid, layout: str) -> list[int]:
+    """Row-major cell index of each position in `layout`."""
+    M, N = grid.rows, grid.cols
+    if layout == ROWS:
+        return list(range(M * N))
+    return [r * N + c for c in range(N) for r in range(M)]
+
+
+def segments_from_counts(counts: Sequence[int]) -> Segments | None:
     """Consecutive groups of a packed batch: counts [2, 3] -> cells {0,1} and {2,3,4}."""
     if all(n == 1 for n in counts):
         return None
-    groups, start = [], 0
+    segments: Segments = []
+    start = 0
     for n in counts:
-        groups.append(list(range(start, start + n)))
+        if segments and segments[-1].size == n:
+            last = segments[-1]
+            segments[-1] = Segment(last.start, last.groups + 1, n)
+        else:
+            segments.append(Segment(start, 1, n))
         start += n
-    return _bucket(groups, device)
+    return segments
 
 
 def block_kinds(num_layers: int, spatial_block_ids: Sequence[int]) -> list[str]:

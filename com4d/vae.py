@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from com4d.attention import Attention, FeedForward, FP32LayerNorm
+from com4d.attention import Attention, FeedForward, FP32AccLayerNorm, fuse_projections, sdpa
 from com4d.errors import InputError, WeightsError
 from com4d.weights import (
     DIFFUSERS_WEIGHTS,
@@ -134,9 +133,9 @@ class SelfAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.norm1 = FP32LayerNorm(dim, eps=1e-5)
+        self.norm1 = FP32AccLayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads)
-        self.norm3 = FP32LayerNorm(dim, eps=1e-5)
+        self.norm3 = FP32AccLayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim, 4.0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -153,17 +152,20 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.norm2 = FP32LayerNorm(dim, eps=1e-5)
+        self.norm2 = FP32AccLayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, context_dim=dim, context_norm=True)
-        self.norm3 = FP32LayerNorm(dim, eps=1e-5)
+        self.norm3 = FP32AccLayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim, 4.0)
 
     def attend(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int = 0) -> torch.Tensor:
         """h (B, P, D) queries; k, v (B, H, T, hd). topk > 0: the official flash top-k key selection."""
-        q = self.attn2.query(self.norm2(h))  # (B, H, P, hd)
         if topk:
+            q = self.attn2.query(self.norm2(h)).transpose(1, 2)  # (B, H, P, hd)
             k, v = select_topk_keys(q, k, v, topk)  # (B, H, topk, hd)
-        h = h + self.attn2.merge(F.scaled_dot_product_attention(q, k, v))  # (B, P, D)
+            B, H, P, hd = q.shape
+            h = h + self.attn2.to_out[0](sdpa(q, k, v).transpose(1, 2).reshape(B, P, H * hd))  # (B, P, D)
+        else:
+            h = h + self.attn2.attend(self.norm2(h), k, v)  # (B, P, D)
         return h + self.ff(self.norm3(h))  # (B, P, D)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -394,7 +396,7 @@ class ShapeVAE(nn.Module):
         model = model.to_empty(device="cpu")
         state = heads_first_to_standard(load_tensors(weights_path), cfg.num_attention_heads)
         load_state_strict(model, state, weights_path)
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return fuse_projections(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
 # -- encoder query selection ----------------------------------------------------------------------
