@@ -40,6 +40,7 @@ LEFT_TO_THE_BACKEND = {
     "temporal_block_ids": "the trained model's attention routing",
     "noise_mode": "CPU noise, the same on every machine",
     "image_size": "the trained model's conditioning size",
+    "attention_backend": "the backend picks the fastest exact kernels of its GPU",
     "use_frames_no_bg": "the add-on sends a video, not folders of frames",
     "tracking_threshold": "the library's threshold for deforming meshes",
     "memory_budget": "the backend knows its own memory",

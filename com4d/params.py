@@ -41,6 +41,8 @@ OFFICIAL_TEMPORAL_BLOCK_IDS = (0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21)
 MAX_TOKENS = 4096
 MAX_STEPS = 1000
 NOISE_MODES = ("cpu", "cuda_fp16")
+# The attention seam's backends (com4d.attention.BACKENDS; a test keeps the two equal).
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 TOPOLOGIES = ("per_frame", "tracked")
 
 
@@ -186,6 +188,14 @@ SPECS: tuple[Spec, ...] = (
         False,
         "condition on frames_no_bg/ instead of frames/ when the input has it (official --load_frames_no_bg)",
     ),
+    Spec(
+        "attention_backend",
+        "str",
+        "auto",
+        "attention kernels of the DiT and the VAE: auto (PyTorch's choice), cudnn, flash, efficient or math "
+        "(the reference); a backend the device lacks is refused",
+        choices=ATTENTION_BACKENDS,
+    ),
     Spec("mesh_dense_depth", "int", 8, "octree depth of the dense field pass (8 = 256^3)", 1, 10),
     Spec("mesh_final_depth", "int", 9, "octree depth of the refined mesh (9 = 512^3)", 1, 10),
     Spec(
@@ -316,6 +326,7 @@ class ReconstructionParams:
     noise_mode: str = "cpu"
     image_size: int = 518
     use_frames_no_bg: bool = False
+    attention_backend: str = "auto"
     mesh_dense_depth: int = 8
     mesh_final_depth: int = 9
     topology: str = "per_frame"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from com4d import conditioning, routing, stages
+from com4d import attention, conditioning, routing, stages
 from com4d.conditioning import ImageEncoder
 from com4d.dit import CellContext, COM4DTransformer
 from com4d.errors import COM4DError, InputError, OutOfMemory, ParameterError, WeightsError
@@ -329,11 +329,23 @@ class COM4DPipeline:
                 on_step(stage, window, step, steps)
 
         with block_routing(self.transformer, params):
-            static = dyn_a = None
+            # Every image is encoded first (none depends on a latent), so that DINOv2 leaves the GPU
+            # before the DiT samples; a long-lived backend brings it back from host memory next job.
+            tokens_a = tokens_full = tokens_obj = None
             if plan.has_stage_a:
-                # Stage A: the scene at one frame (statics: full image; dynamics: their masked image).
+                # Stage A sees one frame: statics the full image, dynamics their masked image.
                 full_a, objects_a = self.conditioning_images(inputs, params, [plan.stage_a])
                 tokens_a = self.encode_images(full_a + [o[0] for o in objects_a], size)  # (1 + K, Lc, Dc)
+            if K > 0:
+                # Stage B: every selected frame's full image and object images.
+                full_b, objects_b = self.conditioning_images(inputs, params, plan.frames)
+                tokens_full = self.encode_images(full_b, size)  # (F, Lc, Dc)
+                tokens_obj = torch.stack([self.encode_images(o, size) for o in objects_b])  # (K, F, Lc, Dc)
+            self.image_encoder.offload()
+
+            static = dyn_a = None
+            if plan.has_stage_a:
+                # Stage A: the scene at one frame.
                 index_t = torch.tensor([0] * S + list(range(1, K + 1)), device=dev)
                 ctx_t = CellContext(tokens_a, index_t)
                 ctx_s = CellContext(tokens_a, torch.zeros(S + K, dtype=torch.long, device=dev))
@@ -353,10 +365,7 @@ class COM4DPipeline:
             if K == 0:
                 return Latents(static, dyn_a, static.new_zeros(0, F, T, C))
 
-            # Stage B: every selected frame's full image and object images.
-            full_b, objects_b = self.conditioning_images(inputs, params, plan.frames)
-            tokens_full = self.encode_images(full_b, size)  # (F, Lc, Dc)
-            tokens_obj = torch.stack([self.encode_images(o, size) for o in objects_b])  # (K, F, Lc, Dc)
+            # Stage B: the moving objects over every selected frame.
             dyn = stages.run_stage_b(
                 self.transformer, self.scheduler, static, dyn_a, noise["stage_b_dynamic"].to(dev, dt),
                 stages.StageBContexts(full=tokens_full, objects=tokens_obj), torch.zeros_like(tokens_full[:1]),
@@ -414,6 +423,12 @@ class COM4DPipeline:
         """Run a whole job, writing `out_dir` (docs/contracts.md) and reporting events as it goes."""
         params = params or ReconstructionParams()
         params.validate(self.limits)
+        available = attention.available_backends(self.device, self.dtype)
+        if params.attention_backend not in available:  # refused before any work, not midway
+            raise ParameterError(
+                f"attention_backend {params.attention_backend!r} does not run on {self.device} in {self.dtype}; "
+                f"available here: {', '.join(available)}"
+            )
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -455,7 +470,8 @@ class ReconstructionRun:
             params=params.to_dict(),
         )
         self.mesher = Mesher(self.finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, pipe.vae.device,
-                             workers=params.mesh_workers)
+                             workers=params.mesh_workers,
+                             cancel=cancel.raise_if_cancelled if cancel is not None else None)
         self.trackers: dict[int, Any] = {}  # dynamic object -> topology.SequenceTracker (topology="tracked")
         self.done = 0
         self.timings = {"meshing": 0.0}
@@ -599,7 +615,8 @@ class ReconstructionRun:
                         "history, so consecutive blocks are not linked",
             ))
         try:
-            self.sample_and_mesh(noise)
+            with attention.use_backend(self.params.attention_backend):
+                self.sample_and_mesh(noise)
             if self.params.topology == "tracked":
                 self.finish_topology()
             self.export()

@@ -41,10 +41,11 @@ def _predict(
     **grid,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(conditional, unconditional) predictions of one step; guidance <= 1 skips the unconditional
-    pass, as the official `do_classifier_free_guidance = guidance > 1`."""
-    cond = model.forward_grid(x, t, ctx_temporal, ctx_spatial, **grid)
-    uncond = model.forward_grid(x, t, ctx_zero, ctx_zero, **grid) if guidance > 1.0 else None
-    return cond, uncond
+    pass, as the official `do_classifier_free_guidance = guidance > 1`. With guidance, both branches
+    run through `forward_grid_guided`, which computes what they share once (bit-identical)."""
+    if guidance > 1.0:
+        return model.forward_grid_guided(x, t, ctx_temporal, ctx_spatial, ctx_zero, **grid)
+    return model.forward_grid(x, t, ctx_temporal, ctx_spatial, **grid), None
 
 
 def _velocity(
