@@ -7,7 +7,6 @@ tail is shown when the process exits early.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -146,14 +145,6 @@ class LocalBackend:
                             f"the backend did not answer within {timeout:g} s; see {self.log_path}"
                         ) from None
                     client.reconnect()
-
-
-def default_env(repo_root: str | None = None) -> dict[str, str]:
-    """The environment for the child: ours, plus the repository on PYTHONPATH when one is given."""
-    env = dict(os.environ)
-    if repo_root:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 # -- the one local backend of this Blender session (thread-safe: a job's worker may start it) --------

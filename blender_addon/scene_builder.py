@@ -113,9 +113,6 @@ class ReconstructionBuilder:
         found = self._objects.get((role, name))
         return None if found is None else bpy.data.objects.get(found)
 
-    def mesh_count(self) -> int:
-        return len(self._objects) + sum(len(v) for v in self._frame_objects.values())
-
     # -- adding results -----------------------------------------------------------------------
     def add_static(self, name: str, vertices, faces, index: int = 0, color=None) -> bpy.types.Object:
         """A static object: one mesh for the whole clip (a repeated arrival replaces the mesh)."""

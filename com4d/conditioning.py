@@ -153,7 +153,7 @@ class ImageEncoder:
     """DINOv2 (transformers' `Dinov2Model`) plus the official COM4D preprocessing.
 
     `encode(images)` gives the conditioning tokens (B, 1 + (size/patch)², hidden) in the model's
-    dtype on its device; `unconditional_like(tokens)` the zeros of the guidance branch.
+    dtype on its device (the guidance branch uses zeros instead: `CellContext.zeros`).
 
     `offload()` moves the weights to host memory (pinned when they came from a GPU) so that the
     encoder holds no GPU memory while the DiT samples; the next `encode` (or `onload()`) brings
@@ -261,10 +261,6 @@ class ImageEncoder:
                 chunks.append(self.model(pixel_values=pixels).last_hidden_state)  # (b, N, D)
         return torch.cat(chunks)  # (B, N, D)
 
-    @staticmethod
-    def unconditional_like(features: torch.Tensor) -> torch.Tensor:
-        """The guidance branch's conditioning: zeros of the same shape, dtype and device."""
-        return torch.zeros_like(features)
 
 
 def dinov2_config(config_path: Path) -> Dinov2Config:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -223,14 +223,6 @@ def load_sam(path: str | os.PathLike, device: str | torch.device = "cpu"):
         raise WeightsError(f"cannot move SAM to device {device!r}: {err}") from err
     model.eval()
     return model, config
-
-
-def sam_config_dict(config: SamConfig) -> dict:
-    """The config as plain JSON values (for objects.json / logs)."""
-    out = asdict(config)
-    out["encoder_global_attn_indexes"] = list(config.encoder_global_attn_indexes)
-    out["name"] = config.name
-    return out
 
 
 @dataclass

@@ -131,14 +131,6 @@ def test_batches_give_the_same_tokens_as_single_images(case, encoder, images):
     assert_matches(together, one_at_a_time, sidecar)
 
 
-def test_unconditional_tokens_are_zeros(case, encoder, images):
-    features = encoder.encode([images["frame"]])
-    uncond = ImageEncoder.unconditional_like(features)
-    assert uncond.shape == features.shape and uncond.dtype == features.dtype
-    assert uncond.device == features.device
-    assert not uncond.any()
-
-
 def test_object_image_is_white_outside_the_mask(images):
     frame, mask, obj = images["frame"], images["mask"], images["object"]
     outside, inside = mask == 0, mask == 255
