@@ -18,9 +18,8 @@ from parity_utils import ENV_VAR, FIXTURES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ALT = FIXTURES / "parity_alt"
-# test_pipeline_parity.py is not here: the second set has no full-inference case (see its README).
 PARITY_FILES = ["test_dit_parity.py", "test_dit.py", "test_vae_parity.py", "test_meshing.py",
-                "test_scheduler_parity.py", "test_conditioning_parity.py"]
+                "test_scheduler_parity.py", "test_conditioning_parity.py", "test_pipeline_parity.py"]
 
 
 def config(fixture_set: Path, model: str) -> dict:
@@ -31,6 +30,21 @@ def test_second_set_really_differs_from_the_first():
     first, second = config(FIXTURES / "parity", "COM4D"), config(ALT, "COM4D")
     for key in ("width", "num_layers", "in_channels", "cross_attention_dim", "spatial_global_attn_block_ids"):
         assert first[key] != second[key], key
+
+
+def pipeline_params(fixture_set: Path) -> dict:
+    return json.loads((fixture_set / "cases" / "pipeline_tiny.json").read_text())["params"]
+
+
+def test_second_full_inference_has_several_objects_of_each_kind_and_other_windows():
+    first, second = pipeline_params(FIXTURES / "parity"), pipeline_params(ALT)
+    assert second["infer_json_entry"]["scene_num_parts"] > 1 and second["infer_json_entry"]["dynamic_num_parts"] > 1
+    for key in ("num_tokens", "first_frame_idx", "scene_num_parts", "dynamic_num_parts", "dynamic_ar_block_size",
+                "dynamic_max_memory_frames", "dynamic_mix_cutoff"):
+        assert first["infer_json_entry"][key] != second["infer_json_entry"][key], key
+    for key in ("scene_attn_ids", "dynamic_attn_ids", "dynamic_steps", "seed", "image_size"):
+        assert first["cli"][key] != second["cli"][key], key
+    assert first["fields_grid_points_per_axis"] != second["fields_grid_points_per_axis"]
 
 
 def test_parity_tests_pass_unchanged_on_the_second_fixture_set():
