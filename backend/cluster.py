@@ -8,6 +8,10 @@ COM4DPipeline, so weights load once per GPU. While the job runs, its events stre
 publishes them, exactly as the in-process worker does (it runs the same `Worker._run_job`, with a
 pipeline that forwards to the actor).
 
+- Meshing fan-out (`fan_out`): while the queue is empty, the idle workers are lent to the running
+  jobs (shared out in turn); a job sends its final latents to the workers lent to it and keeps
+  sampling (`cluster_actor.FanOutMesher`). A queued job takes an idle worker back at once; a mesh it
+  was making finishes alongside.
 - Cancel: a concurrent `cancel` call on the (threaded) actor sets the job's CancelToken there.
 - A worker that dies mid-job (its process or its node): Ray restarts the actor (`max_restarts`,
   which reloads the weights) wherever a GPU is free; the job gets a `worker_lost` warning, keeps the
@@ -63,6 +67,7 @@ class ClusterConfig:
     max_restarts: int = 3  # how often Ray restarts a worker actor that died (it reloads the weights)
     job_retries: int = 1  # how often a job whose worker died runs again on another worker
     files: str = "auto"  # "auto", "stream" or "shared" (module docstring)
+    fan_out: bool = True  # lend idle workers to running jobs for their meshing (module docstring)
     poll_s: float = 2.0  # how often the cluster is checked for new GPUs
     ready_timeout_s: float = 600.0  # start() waits this long for the first worker to load its weights
 
@@ -186,7 +191,8 @@ class _ActorPipeline:
                          if getattr(request, key) is not None}
                 packed["ref"] = ray.put(files)
             inputs = packed["ref"]
-        stream = member.actor.run.remote(self.job, request, params, None if ship else str(out_dir), inputs)
+        stream = member.actor.run.remote(self.job, request, params, None if ship else str(out_dir), inputs,
+                                         self.cluster._loan_of(self.job))
         cancel_sent = False
         try:
             for ref in stream:
@@ -266,6 +272,7 @@ class ClusterWorker:
         self._start_failure: str | None = None  # why a worker could not load its weights: make no more
         self._actor_class: Any = None
         self._uses_gpus = True
+        self._loans: dict[str, list[str]] = {}  # running job -> names of the workers lent to it (as last sent)
 
     def serving(self, publish: Publish) -> ClusterWorker:
         """This runner, publishing to `publish`: the `worker` factory of `backend.server.Server`.
@@ -489,10 +496,40 @@ class ClusterWorker:
         return self.config.files == "stream"
 
     def _forward_cancel(self, member: _Member, job: str) -> None:
+        self._forward(member, "cancel", job)
+
+    def _forward(self, member: _Member, method: str, job: str, *args: Any) -> None:
         try:
-            member.actor.cancel.remote(job)
+            getattr(member.actor, method).remote(job, *args)
         except Exception as exc:  # noqa: BLE001 - a dead actor: the job ends through its stream anyway
-            log.warning("could not forward the cancel of %s to %s: %s", job, member.name, exc)
+            log.warning("could not forward %s of %s to %s: %s", method, job, member.name, exc)
+
+    def _loan_plan(self) -> dict[str, list[_Member]]:
+        """Running job -> the idle workers lent to it: none while jobs wait or with fan_out off; else the
+        idle workers shared out in turn (caller holds the lock)."""
+        jobs = sorted(self._running)
+        plan: dict[str, list[_Member]] = {job: [] for job in jobs}
+        if not self.config.fan_out or self._queue or not jobs:
+            return plan
+        idle = [m for m in self._members if m.ready and m.job is None]
+        for i, member in enumerate(idle):
+            plan[jobs[i % len(jobs)]].append(member)
+        return plan
+
+    def _loan_of(self, job: str) -> list[Any]:
+        """The actors lent to `job` as it starts on its worker (then kept up to date by `_send_loans`)."""
+        with self._cond:
+            lent = self._loan_plan().get(job, [])
+            self._loans[job] = [m.name for m in lent]
+            return [m.actor for m in lent]
+
+    def _send_loans(self) -> None:
+        """Tell every running job's worker which workers are lent to it now, where that changed (lock held)."""
+        for job, lent in self._loan_plan().items():
+            names = [m.name for m in lent]
+            if self._loans.get(job, names) != names:
+                self._loans[job] = names
+                self._forward(self._running[job].member, "lend", job, [m.actor for m in lent])
 
     def _free_member(self) -> _Member | None:
         return next((m for m in self._members if m.ready and m.job is None), None)
@@ -546,6 +583,7 @@ class ClusterWorker:
                     and self._free_member() is not None
                     and not any(r.retry_wait for r in self._running.values())
                 ):
+                    self._send_loans()  # the workers that are idle now, for the running jobs' meshing
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -568,6 +606,7 @@ class ClusterWorker:
         finally:
             with self._cond:
                 del self._running[job]
+                self._loans.pop(job, None)
                 if run.member.job == job:
                     run.member.job = None
                 self._cond.notify_all()

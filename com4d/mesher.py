@@ -9,6 +9,11 @@ submission order by `poll()` (called once per denoising step) and `drain()`, on 
 thread, so events and files are produced where they always were. Same input, same function: the
 meshes are identical to `meshing.extract_mesh`'s.
 
+`submit_latent(latent, payload)` takes a final latent (T, C) instead of its field (`field_of` turns
+one into the other, e.g. `vae.field_fn`): the interface a job's meshing is written against, so that
+another mesher (`MesherFactory`, e.g. cluster mode's, which meshes latents on idle GPU workers) can
+stand in for this one.
+
 With `workers=0` everything runs inline (small grids, few cores, and tests of the plain path).
 
 On CUDA the grid goes to the host by an asynchronous copy into pinned memory; marching cubes is
@@ -28,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -72,6 +77,21 @@ def _mesh_shared(name: str, shape: tuple[int, ...], depth: int, extractor: str):
         shm.close()
 
 
+class LatentMesher(Protocol):
+    """What a job's meshing needs of a mesher; `finish` is called in submission order by `poll`/`drain`."""
+
+    def submit(self, field_fn: meshing.FieldFn, payload: Any) -> None: ...
+    def submit_latent(self, latent: torch.Tensor, payload: Any) -> None: ...
+    def poll(self) -> None: ...
+    def drain(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# Makes a job's mesher; called with `Mesher`'s arguments (finish, dense_depth, final_depth, device,
+# workers=, cancel=, field_of=). `Mesher` itself is the default.
+MesherFactory = Callable[..., LatentMesher]
+
+
 @dataclass
 class _Pending:
     host: meshing.HostGrid | None  # the grid until marching cubes is started
@@ -103,8 +123,10 @@ class Mesher:
         max_pending: int = 8,
         cancel: meshing.CancelCheck | None = None,
         extractor: str = meshing.DEFAULT_EXTRACTOR,
+        field_of: Callable[[torch.Tensor], meshing.FieldFn] | None = None,
     ):
         self.finish = finish
+        self.field_of = field_of
         self.dense_depth = dense_depth
         self.final_depth = final_depth
         self.device = device
@@ -135,6 +157,12 @@ class Mesher:
         while len(self._pending) > self.max_pending:
             self._complete(self._pending.popleft())
         self.poll()
+
+    def submit_latent(self, latent: torch.Tensor, payload: Any) -> None:
+        """`submit` the field of a final latent (T, C) (needs `field_of`)."""
+        if self.field_of is None:
+            raise ValueError("submit_latent needs a Mesher made with field_of (latent -> field function)")
+        self.submit(self.field_of(latent), payload)
 
     def _start(self, item: _Pending) -> None:
         """Hand a grid whose host copy has landed to marching cubes (inline or in the pool)."""

@@ -38,7 +38,7 @@ from com4d.events import (
     ignore_events,
 )
 from com4d.inputs import SceneInputs, load_inputs
-from com4d.mesher import Mesher
+from com4d.mesher import Mesher, MesherFactory
 from com4d.params import ModelLimits, ReconstructionParams
 from com4d.plan import InputSummary, Plan, plan_reconstruction
 from com4d.scene import SceneWriter
@@ -419,8 +419,12 @@ class COM4DPipeline:
         on_event: EventCallback = ignore_events,
         cancel: CancelToken | None = None,
         noise: dict[str, torch.Tensor] | None = None,
+        mesher: MesherFactory = Mesher,
     ) -> SceneResult:
-        """Run a whole job, writing `out_dir` (docs/contracts.md) and reporting events as it goes."""
+        """Run a whole job, writing `out_dir` (docs/contracts.md) and reporting events as it goes.
+
+        `mesher` makes the job's mesher (`com4d.mesher.MesherFactory`); cluster mode passes one that
+        meshes final latents on idle GPU workers."""
         params = params or ReconstructionParams()
         params.validate(self.limits)
         available = attention.available_backends(self.device, self.dtype)
@@ -439,7 +443,7 @@ class COM4DPipeline:
             inputs, preselected = self.prepare_inputs(request, params, out, on_event, cancel)
         plan = self.plan(inputs, params, preselected)
         self.check_memory(plan.num_objects, params)
-        run = ReconstructionRun(self, inputs, params, plan, out, on_event, cancel)
+        run = ReconstructionRun(self, inputs, params, plan, out, on_event, cancel, mesher)
         return run.execute(noise, started)
 
 
@@ -460,6 +464,7 @@ class ReconstructionRun:
         out: Path,
         on_event: EventCallback,
         cancel: CancelToken | None,
+        mesher: MesherFactory = Mesher,
     ):
         self.pipe, self.inputs, self.params, self.plan, self.out = pipe, inputs, params, plan, out
         self.on_event, self.cancel = on_event, cancel
@@ -469,9 +474,10 @@ class ReconstructionRun:
             source={"input": inputs.source, "width": w, "height": h, "fps": inputs.fps},
             params=params.to_dict(),
         )
-        self.mesher = Mesher(self.finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, pipe.vae.device,
+        self.mesher = mesher(self.finish_mesh, params.mesh_dense_depth, params.mesh_final_depth, pipe.vae.device,
                              workers=params.mesh_workers,
-                             cancel=cancel.raise_if_cancelled if cancel is not None else None)
+                             cancel=cancel.raise_if_cancelled if cancel is not None else None,
+                             field_of=pipe.vae.field_fn)
         self.trackers: dict[int, Any] = {}  # dynamic object -> topology.SequenceTracker (topology="tracked")
         self.done = 0
         self.timings = {"meshing": 0.0}
@@ -496,11 +502,13 @@ class ReconstructionRun:
         if self.cancel is not None:
             self.cancel.raise_if_cancelled()
         t = time.perf_counter()
-        field_fn = self.pipe.vae.field_fn(latent)
-        # The topology tracker needs the field again once the mesh is done; otherwise drop it right away.
-        keep = field_fn if (role == "dynamic" and self.params.topology == "tracked") else None
-        self.mesher.submit(field_fn, (role, index, frame_index, keep))
-        del field_fn, keep
+        if role == "dynamic" and self.params.topology == "tracked":
+            # The topology tracker needs the field again once the mesh is done: it stays on this device.
+            field_fn = self.pipe.vae.field_fn(latent)
+            self.mesher.submit(field_fn, (role, index, frame_index, field_fn))
+            del field_fn
+        else:  # any mesher may make this mesh (on another GPU in cluster mode)
+            self.mesher.submit_latent(latent, (role, index, frame_index, None))
         self.timings["meshing"] += time.perf_counter() - t
         if self.pipe.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -284,6 +284,30 @@ def test_meshing_fanned_out_over_two_workers_gives_the_jobs_own_meshes(
     assert len(meshes) == len(ref_meshes) + 1  # and the moving object's stage-A mesh (a file, not streamed)
 
 
+def test_a_job_fans_its_meshes_out_to_the_idle_worker_and_gives_the_in_process_files(
+    two_nodes, cluster_client, tiny_masks_dir, reference
+):
+    # One job, two workers: the idle one is lent to the job and makes some of its meshes from their
+    # final latents (its `mesh` counter goes up); the files and streamed meshes are still the
+    # in-process ones, byte for byte.
+    assert two_nodes.worker.config.fan_out
+    wait_for(lambda: two_nodes.worker.snapshot()["workers"] == 2, 90, "both workers")
+    members = list(two_nodes.worker._members)
+    before = ray.get([m.actor.meshes_made.remote() for m in members])
+    job = cluster_client.submit(masks=tiny_masks_dir, params=FAST_PARAMS)
+    events = collect_job(cluster_client, job)
+    assert events[-1].type == "done", events[-1].fields
+    after = ray.get([m.actor.meshes_made.remote() for m in members])
+    assert sum(after) > sum(before)
+    ref_files, ref_meshes = reference
+    files_now = out_files(two_nodes.store.out_dir(job))
+    assert sorted(files_now) == sorted(ref_files)
+    for name, data in ref_files.items():
+        if name != "scene.json":  # the manifest names the job's own input folder
+            assert files_now[name] == data, name
+    assert mesh_events(events) == ref_meshes
+
+
 def test_bad_cluster_settings_are_refused_with_what_is_wrong(tmp_path):
     store = JobStore(tmp_path / "store")
     with pytest.raises(ValueError, match="files must be one of"):

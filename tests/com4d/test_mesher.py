@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from com4d import meshing
@@ -45,3 +46,18 @@ def test_no_surface_gives_empty_arrays():
     mesher.submit(lambda pts: -torch.ones(len(pts)), None)
     mesher.drain()
     assert got[0][0].shape == (0, 3) and got[0][1].shape == (0, 3)
+
+
+def test_a_latent_is_meshed_through_field_of_and_refused_without_it():
+    # The "latent" here is a radius; field_of turns it into that sphere's field.
+    got = []
+    mesher = Mesher(lambda p, v, f: got.append((p, v, f)), 4, 5, torch.device("cpu"), workers=0,
+                    field_of=lambda latent: sphere(float(latent)))
+    mesher.submit_latent(torch.tensor(0.5), "a")
+    mesher.drain()
+    expected = meshing.extract_mesh(sphere(0.5), dense_depth=4, final_depth=5).mesh
+    assert got[0][0] == "a"
+    np.testing.assert_array_equal(got[0][1], np.asarray(expected.vertices, np.float32))
+    plain = Mesher(lambda p, v, f: None, 4, 5, torch.device("cpu"), workers=0)
+    with pytest.raises(ValueError, match="needs a Mesher made with field_of"):
+        plain.submit_latent(torch.tensor(0.5), None)
