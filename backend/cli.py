@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how workers on other machines get inputs and return files: auto (bytes unless on this machine), "
         "stream (bytes always), shared (the store is mounted at the same path on every node)",
     )
+    ray.add_argument(
+        "--ray-no-fan-out",
+        action="store_true",
+        help="keep each job's meshing on its own worker (default: idle workers mesh for running jobs)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     keys = sub.add_parser(
@@ -214,6 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
                 workers=args.ray_workers,
                 job_retries=args.ray_job_retries,
                 files=args.ray_files,
+                fan_out=not args.ray_no_fan_out,
             ),
             memory_budget=args.memory_budget,
         )
