@@ -524,7 +524,8 @@ class ReconstructionRun:
             self.emit_mesh("dynamic", k, f, latents[k])
 
     def finish_mesh(self, payload: tuple, verts: np.ndarray, faces: np.ndarray) -> None:
-        """A finished mesh: file, manifest, topology tracking, events (on this thread, in order)."""
+        """A finished mesh: file, manifest, topology tracking, the combined GLB of a frame it
+        completes, events (on this thread, in order)."""
         role, index, frame_index, field_fn = payload
         plan, writer = self.plan, self.writer
         if role == "stage_a":
@@ -540,6 +541,8 @@ class ReconstructionRun:
             rel = writer.add_dynamic_frame(index, frame, verts, faces)
             if self.params.topology == "tracked":
                 self.track_frame(index, frame, field_fn, verts, faces)
+        if self.params.combined_frames and role != "stage_a":
+            writer.write_ready_frames()  # each frame's combined GLB as soon as its last mesh exists
         if len(faces) == 0:
             self.on_event(WarningEvent(code="empty_mesh", message=f"{name}: the field has no surface at frame {frame}",
                                        frames=[frame]))
@@ -607,7 +610,7 @@ class ReconstructionRun:
         self.on_event(Progress(stage="export", done=self.done, total=self.plan.total_units, message="combined frames"))
         if self.params.combined_frames:
             self.writer.write_stage_a_scene()
-            self.writer.write_combined_frames()
+            self.writer.write_combined_frames()  # only frames not written as their meshes finished
         if self.params.preview:
             from com4d.preview import render_scene_preview
 

@@ -1,5 +1,8 @@
 """Writing a reconstruction to disk: one GLB per mesh, combined GLBs per frame, `scene.json`.
 
+A frame's combined GLB can be written as soon as all of its meshes exist (`write_ready_frames`);
+`write_combined_frames` writes the frames not written yet.
+
 The manifest is rewritten atomically after every mesh, so an interrupted run leaves a valid
 `scene.json` whose `status` says it is incomplete ("running", "cancelled", "failed"); only a
 finished run says "complete". Format: docs/contracts.md.
@@ -99,6 +102,7 @@ class SceneWriter:
         for k, (n, stem) in enumerate(zip(dynamic_names, file_stems(dynamic_names))):
             self.objects.append(SceneObject(n, "dynamic", k, object_color(len(static_names) + k), stem=stem))
         self._geometry: dict[tuple[str, int | str], tuple[np.ndarray, np.ndarray]] = {}
+        self._combined: set[int] = set()  # frames whose combined GLB is written
         self.save()
 
     def get(self, role: str, index: int) -> SceneObject:
@@ -172,22 +176,37 @@ class SceneWriter:
             self.stage_a_scene = "stage_a_scene.glb"
             self.save()
 
-    def write_combined_frames(self) -> None:
-        """One GLB per selected frame with every object of that frame (statics included)."""
-        statics = [(o, self._geometry.get((o.name, -1))) for o in self.objects if o.role == "static"]
+    def frame_meshes_done(self, frame: int) -> bool:
+        """Whether every mesh of selected frame `frame` exists: each static's and each moving object's."""
+        return all(
+            (o.name, -1 if o.role == "static" else frame) in self._geometry for o in self.objects
+        )
+
+    def write_ready_frames(self) -> None:
+        """The combined GLB of every selected frame whose meshes all exist and that is not written
+        yet (each frame's meshes are final once made, so the file is the one the end would write)."""
         for frame in self.frames:
-            scene = trimesh.Scene()
-            for o, geom in statics:
-                if geom is not None and len(geom[1]):
-                    scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
-            for o in self.objects:
-                geom = self._geometry.get((o.name, frame)) if o.role == "dynamic" else None
-                if geom is not None and len(geom[1]):
-                    scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
-            path = self.out / "frames" / f"frame_{frame:06d}.glb"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if scene.geometry:
-                path.write_bytes(scene.export(file_type="glb"))
+            if frame not in self._combined and self.frame_meshes_done(frame):
+                self._write_combined_frame(frame)
+
+    def write_combined_frames(self) -> None:
+        """One GLB per selected frame with every object of that frame (statics included), for the
+        frames not written yet."""
+        for frame in self.frames:
+            if frame not in self._combined:
+                self._write_combined_frame(frame)
+
+    def _write_combined_frame(self, frame: int) -> None:
+        scene = trimesh.Scene()
+        for o in self.objects:  # statics first (the objects' order), then each moving object's mesh of the frame
+            geom = self._geometry.get((o.name, -1 if o.role == "static" else frame))
+            if geom is not None and len(geom[1]):
+                scene.add_geometry(colored_mesh(*geom, o.color), node_name=o.name, geom_name=o.name)
+        path = self.out / "frames" / f"frame_{frame:06d}.glb"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if scene.geometry:
+            path.write_bytes(scene.export(file_type="glb"))
+        self._combined.add(frame)
 
     def geometry(self, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         return self._geometry.get((name, -1 if frame is None else frame))

@@ -215,3 +215,28 @@ def test_background_marching_cubes_gives_the_same_scene(pipe, clip, tmp_path):
     for a, b in zip(outs[0], outs[1]):
         np.testing.assert_array_equal(a.vertices, b.vertices)
         np.testing.assert_array_equal(a.faces, b.faces)
+
+
+def test_each_frame_glb_is_written_when_its_last_mesh_is_done(pipe, clip, tmp_path):
+    out = tmp_path / "out"
+    seen = []  # (event, whether that frame's combined GLB existed when the event came)
+
+    def on_event(e):
+        if e.kind == "mesh" and e.role == "dynamic":
+            seen.append((e, (out / "frames" / f"frame_{e.frame:06d}.glb").is_file()))
+        if e.kind == "progress" and e.stage == "export":
+            seen.append((e, None))
+
+    pipe.reconstruct(ReconstructionRequest(frames_dir=clip), ReconstructionParams.from_dict(FAST), out,
+                     on_event=on_event)
+    scene = load_scene(out)
+    frames = [e for e, _ in seen if e.kind == "mesh"]
+    assert [e.frame for e in frames] == scene["frames"] and seen[-1][0].kind == "progress"
+    # the ball is the one moving object: its mesh of a frame completes that frame, before the export
+    assert all(written for e, written in seen if e.kind == "mesh")
+    static = trimesh.load(out / next(o for o in scene["objects"] if o["role"] == "static")["mesh"], force="mesh")
+    for e in frames:
+        combined = trimesh.load(out / "frames" / f"frame_{e.frame:06d}.glb")
+        np.testing.assert_array_equal(combined.geometry["ball"].vertices, e.vertices)
+        np.testing.assert_array_equal(combined.geometry["ball"].faces, e.faces)
+        np.testing.assert_array_equal(combined.geometry["box"].vertices, static.vertices)
