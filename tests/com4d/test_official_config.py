@@ -14,9 +14,10 @@ from com4d.official_config import load_entry, parse_entry
 from com4d.params import ReconstructionParams
 from com4d.scene import load_scene
 
-# The teaser2048 entry as the official repository's infer.json (insait-institute/COM4D @ ee0bde9) has it.
+# The teaser2048 entry as the official repository's infer.json (insait-institute/COM4D @ ee0bde9) has it, but
+# for transformer_dir, an absolute path on the authors' machine, replaced by another absolute path.
 TEASER2048 = {
-    "tag": "teaser2048", "data_dir": "assets/teaser", "transformer_dir": "/work/berke_gokmen/ckpts/com4d_final",
+    "tag": "teaser2048", "data_dir": "assets/teaser", "transformer_dir": "/ckpts/com4d_final",
     "num_tokens": 2048, "first_frame_idx": 5, "frames_start_idx": 0, "frames_end_idx": 100, "frame_stride": 2,
     "scene_num_parts": 4, "dynamic_num_parts": 2, "scene_block_size": 16, "dynamic_ar_block_size": 6,
     "dynamic_max_memory_frames": 8, "scene_mix_cutoff": 50, "dynamic_mix_cutoff": 20,
